@@ -16,6 +16,8 @@ samples to be independent), checked by Opacus' ModuleValidator in the tests.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -41,7 +43,7 @@ class Encoder(nn.Module):
     def __init__(self, image_size: int, width: int, code_dim: int) -> None:
         super().__init__()
         chans = [3, width, width * 2, width * 4, width * 4]
-        self.blocks = nn.Sequential(*[DownBlock(a, b) for a, b in zip(chans, chans[1:])])
+        self.blocks = nn.Sequential(*[DownBlock(a, b) for a, b in itertools.pairwise(chans)])
         side = image_size // 16
         self.head = nn.Linear(chans[-1] * side * side, code_dim)
 
@@ -76,7 +78,7 @@ class Decoder(nn.Module):
         self.stem = nn.Linear(code_dim + id_dim, self.c0 * self.side * self.side)
         chans = [width * 4, width * 4, width * 2, width, width]
         self.blocks = nn.ModuleList(
-            [FiLMUpBlock(a, b, id_dim) for a, b in zip(chans, chans[1:])]
+            [FiLMUpBlock(a, b, id_dim) for a, b in itertools.pairwise(chans)]
         )
         self.out = nn.Conv2d(chans[-1], 3, 3, padding=1)
 

@@ -1,0 +1,104 @@
+"""The fedface ClientApp: one device, its consented photos, its private state.
+
+Each round a sampled device restores its personal part and photo-level ledger
+from ``context.state``, fine-tunes under DP-SGD, saves them back, and replies
+with the device-trained *shared* weights and scalar metrics only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from functools import lru_cache
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.device_state import (
+    has_personal_state,
+    load_ledger,
+    load_personal,
+    save_ledger,
+    save_personal,
+)
+from clients.trainer import BUDGET_EXHAUSTED as STATUS_EXHAUSTED
+from clients.trainer import TRAINED, train_on_device
+from fl import protocol as P
+from fl.data.fleet import DevicePhotos, device_photos
+from fl.tasks import Task, get_task
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=8)
+def _task(params_json: str) -> Task:
+    """Tasks are stateless: one per worker process and task config."""
+    return get_task(json.loads(params_json))
+
+
+def device_index(context: Context) -> int:
+    """Which device this node is. In simulation Flower assigns ``partition-id``."""
+    if "partition-id" not in context.node_config:
+        raise ValueError(
+            "this SuperNode has no 'partition-id' in its node config; start it with "
+            "--node-config 'partition-id=<device index>'"
+        )
+    return int(context.node_config["partition-id"])
+
+
+def _prepare(msg: Message, context: Context):
+    recipe, task_params, fleet = P.parse_round_config(msg.content[P.CONFIG])
+    task = _task(json.dumps(task_params, sort_keys=True))
+    device = device_index(context)
+    photos: DevicePhotos = device_photos(fleet, device)
+    model = task.build_model(fleet.image_size)
+    model.load_state_dict(msg.content[P.ARRAYS].to_torch_state_dict(), strict=False)
+    load_personal(context, model, task, msg.content[P.PERSONAL_INIT].to_torch_state_dict())
+    return recipe, task, fleet, device, photos, model
+
+
+def _check_photo_delta(delta: float, num_photos: int) -> None:
+    if delta >= 1.0 / num_photos:
+        raise ValueError(
+            f"photo-level delta {delta} is not below 1/{num_photos} (this device's photo "
+            "count): a mechanism that may leak one photo outright would pass. Lower "
+            "privacy.photo.delta."
+        )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    recipe, task, _fleet, device, photos, model = _prepare(msg, context)
+    server_round = int(msg.content[P.CONFIG]["server-round"])
+    recipe = dataclasses.replace(recipe, seed=hash((recipe.seed, server_round, device)) % 2**31)
+    ledger = load_ledger(context, recipe.accountant)
+    if recipe.photo_dp:
+        _check_photo_delta(recipe.delta, len(photos.train))
+
+    outcome = train_on_device(task, model, torch.from_numpy(photos.train), recipe, ledger)
+    trained = outcome.status == TRAINED
+    metrics = MetricRecord({
+        P.WEIGHT_KEY: len(photos.train),
+        P.TRAINED: int(trained),
+        P.BUDGET_EXHAUSTED: int(outcome.status == STATUS_EXHAUSTED),
+        P.STEPS: outcome.steps,
+        P.TRAIN_LOSS: outcome.loss if trained else 0.0,
+        P.PHOTO_EPS: ledger.epsilon(recipe.delta) if recipe.photo_dp else 0.0,
+        P.PARTICIPATIONS: ledger.participations,
+    })
+    content = RecordDict({P.METRICS: metrics})
+    if trained:
+        save_personal(context, model, task)
+        save_ledger(context, ledger)
+        content[P.ARRAYS] = ArrayRecord(task.shared_state(model))
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    _, task, fleet, _, photos, model = _prepare(msg, context)
+    metrics = task.evaluate_device(model, photos, fleet)
+    metrics[P.WEIGHT_KEY] = len(photos.heldout)
+    metrics[P.PERSONALISED] = int(has_personal_state(context))
+    return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)

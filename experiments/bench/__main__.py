@@ -1,0 +1,27 @@
+"""Benchmarks: ``python -m experiments.bench [renderer|local_step|fleet ...]``.
+
+Prints markdown tables (medians of repeated runs) and writes JSON to
+``bench-results/``. Numbers are measurements to quote, never test assertions.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from experiments.bench import fleet, local_step, renderer
+from experiments.bench.common import save, table
+
+BENCHES = {"renderer": renderer.run, "local_step": local_step.run, "fleet": fleet.run}
+
+
+def main(names: list[str]) -> None:
+    for name in names or list(BENCHES):
+        if name not in BENCHES:
+            raise SystemExit(f"unknown benchmark {name!r}; choose from {sorted(BENCHES)}")
+        rows = BENCHES[name]()
+        save(name, rows)
+        print(f"\n## {name}\n\n{table(rows)}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

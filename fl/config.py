@@ -1,0 +1,118 @@
+"""Hydra config <-> what the server and devices need, validated before any work.
+
+Every check names the config key and says what would be accepted, so a bad
+override fails in a second with a fix instead of an hour into a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fl.data.fleet import FleetSpec
+from fl.data.synthfaces import MAX_SIZE, MIN_SIZE
+from fl.privacy.ledger import ACCOUNTANTS
+from fl.protocol import Recipe
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {expected}. Override it, e.g. "
+                          f"`python -m experiments.train {key}=<value>`.")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` for the first value that cannot work."""
+    from fl.tasks import task_names
+
+    d, f, p, loc = cfg.data, cfg.fleet, cfg.privacy.photo, cfg.local
+    _require(cfg.task.name in task_names(), "task.name", cfg.task.name,
+             f"one of {task_names()}")
+    _require(MIN_SIZE <= d.image_size <= MAX_SIZE and d.image_size % 16 == 0,
+             "data.image_size", d.image_size,
+             f"a multiple of 16 between {MIN_SIZE} and {MAX_SIZE}")
+    _require(d.photos_min >= 2, "data.photos_min", d.photos_min, "at least 2")
+    _require(d.photos_max >= d.photos_min, "data.photos_max", d.photos_max,
+             f"at least data.photos_min ({d.photos_min})")
+    _require(d.heldout_photos >= 1, "data.heldout_photos", d.heldout_photos, "at least 1")
+    _require(f.num_devices >= 1, "fleet.num_devices", f.num_devices, "at least 1")
+    _require(1 <= f.devices_per_round <= f.num_devices, "fleet.devices_per_round",
+             f.devices_per_round, f"between 1 and fleet.num_devices ({f.num_devices})")
+    _require(0 <= f.eval_devices <= f.num_devices, "fleet.eval_devices", f.eval_devices,
+             f"between 0 and fleet.num_devices ({f.num_devices})")
+    _require(f.rounds >= 1, "fleet.rounds", f.rounds, "at least 1")
+    _require(loc.epochs > 0, "local.epochs", loc.epochs, "positive")
+    _require(loc.batch_size >= 1, "local.batch_size", loc.batch_size, "at least 1")
+    _require(loc.lr_shared >= 0, "local.lr_shared", loc.lr_shared, "non-negative")
+    _require(loc.lr_personal >= 0, "local.lr_personal", loc.lr_personal, "non-negative")
+    if p.enabled:
+        _require(p.noise_multiplier > 0, "privacy.photo.noise_multiplier", p.noise_multiplier,
+                 "positive (DP-SGD without noise is not private; use privacy=none instead)")
+        _require(p.max_grad_norm > 0, "privacy.photo.max_grad_norm", p.max_grad_norm,
+                 "positive")
+        _require(0 < p.delta < 1, "privacy.photo.delta", p.delta, "strictly between 0 and 1")
+        _require(p.delta < 1.0 / d.photos_max, "privacy.photo.delta", p.delta,
+                 f"below 1/data.photos_max = {1.0 / d.photos_max:.4g}: a larger delta admits "
+                 "mechanisms that publish one photo outright")
+        _require(p.accountant in ACCOUNTANTS, "privacy.photo.accountant", p.accountant,
+                 f"one of {list(ACCOUNTANTS)}")
+        _require(p.budget_epsilon >= 0, "privacy.photo.budget_epsilon", p.budget_epsilon,
+                 "non-negative (0 means no budget)")
+
+
+def fleet_spec(cfg: DictConfig) -> FleetSpec:
+    d = cfg.data
+    return FleetSpec(seed=d.seed, num_devices=cfg.fleet.num_devices, photos_min=d.photos_min,
+                     photos_max=d.photos_max, heldout_photos=d.heldout_photos,
+                     image_size=d.image_size, num_public=d.num_public,
+                     clip_length=d.clip_length)
+
+
+def recipe(cfg: DictConfig) -> Recipe:
+    p, loc = cfg.privacy.photo, cfg.local
+    return Recipe(local_epochs=float(loc.epochs), batch_size=int(loc.batch_size),
+                  lr_shared=float(loc.lr_shared), lr_personal=float(loc.lr_personal),
+                  photo_dp=bool(p.enabled), noise_multiplier=float(p.noise_multiplier),
+                  max_grad_norm=float(p.max_grad_norm), delta=float(p.delta),
+                  accountant=str(p.accountant), budget_epsilon=float(p.budget_epsilon),
+                  seed=int(cfg.seed))
+
+
+def task_params(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg.task, resolve=True)
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """Dotted keys -> values as strings: the MLflow params of a run."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """The config ``experiments.train`` would see, for entry points without
+    ``@hydra.main`` (``flwr run .``, tests, benchmarks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides or []))

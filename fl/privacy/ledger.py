@@ -1,0 +1,101 @@
+"""A device's photo-level privacy ledger: every DP-SGD step it has ever run.
+
+Why a ledger and not "the PrivacyEngine's accountant": a ClientApp is called
+afresh every round, and a fresh ``PrivacyEngine`` per round forgets the earlier
+rounds, so the epsilon it reports covers one participation only (this is what
+Flower's own Opacus example does). The ledger is the accountant's *history* --
+``(noise_multiplier, sample_rate, steps)`` events -- persisted in the device's
+state; the epsilon after the k-th participation is computed from all k
+participations' events, exactly as one accountant fed all their steps would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from opacus.accountants import create_accountant
+
+ACCOUNTANTS = ("rdp", "prv")
+Event = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
+
+
+def _merge(events: list[Event], new: Event) -> list[Event]:
+    """Append ``new``, merging it with the last event when the mechanism is equal
+    (the same normal form Opacus' accountants keep)."""
+    out = list(events)
+    if out and out[-1][0] == new[0] and out[-1][1] == new[1]:
+        out[-1] = (new[0], new[1], out[-1][2] + new[2])
+    elif new[2] > 0:
+        out.append(new)
+    return out
+
+
+def epsilon_of(events: list[Event], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at ``delta`` of the composition of ``events`` (0 when empty)."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}")
+    if not events:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in events]
+    return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass
+class PhotoLedger:
+    """Photo-level privacy spent by one device, across every round it trained."""
+
+    accountant: str = "rdp"
+    events: list[Event] = field(default_factory=list)
+    participations: int = 0
+
+    def epsilon(self, delta: float) -> float:
+        return epsilon_of(self.events, delta, self.accountant)
+
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int,
+                      delta: float) -> float:
+        """The epsilon this ledger *would* show after one more participation."""
+        planned = _merge(self.events, (noise_multiplier, sample_rate, steps))
+        return epsilon_of(planned, delta, self.accountant)
+
+    def record(self, history: list[Event]) -> None:
+        """Replace the events with an accountant history that extends them.
+
+        The trainer seeds its Opacus accountant with ``self.events`` and hands
+        back the history after training; a history that does not start with the
+        ledger's events would mean privacy spent was forgotten, so it is refused.
+        """
+        history = [(float(s), float(q), int(n)) for s, q, n in history]
+        steps_before = sum(n for *_, n in self.events)
+        steps_after = sum(n for *_, n in history)
+        if steps_after < steps_before:
+            raise RuntimeError(
+                f"accountant history has {steps_after} steps, fewer than the "
+                f"{steps_before} already in the ledger: privacy spent would be lost"
+            )
+        self.events = history
+        self.participations += 1
+
+    @property
+    def steps(self) -> int:
+        return sum(n for *_, n in self.events)
+
+    def to_config(self) -> dict[str, list | int | str]:
+        """Flat lists that fit a Flower ``ConfigRecord`` (the device's own state)."""
+        return {
+            "accountant": self.accountant,
+            "noise": [float(s) for s, _, _ in self.events],
+            "rate": [float(q) for _, q, _ in self.events],
+            "steps": [int(n) for *_, n in self.events],
+            "participations": self.participations,
+        }
+
+    @classmethod
+    def from_config(cls, record: dict) -> PhotoLedger:
+        events = list(zip(record.get("noise", []), record.get("rate", []),
+                          record.get("steps", [])))
+        return cls(
+            accountant=str(record.get("accountant", "rdp")),
+            events=[(float(s), float(q), int(n)) for s, q, n in events],
+            participations=int(record.get("participations", 0)),
+        )

@@ -1,0 +1,62 @@
+"""The messages between the server and a device: keys and round instructions.
+
+One place defines what travels, so the test that inspects replies, the
+ClientApp and the ServerApp agree. Server -> device: the shared weights, the
+public initial personal part, and a ConfigRecord with the round's ``Recipe``,
+the task and the data spec. Device -> server: its shared weights after training
+(if it trained; all shared tensors, so that every Flower strategy can aggregate
+them) and a MetricRecord of scalars. Never personal weights, never images.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from flwr.app import ConfigRecord
+
+from fl.data.fleet import FleetSpec
+
+ARRAYS = "arrays"  # shared weights, both directions
+PERSONAL_INIT = "personal-init"  # public starting point of the personal part
+CONFIG = "config"
+METRICS = "metrics"
+WEIGHT_KEY = "num-examples"
+
+# Reply metric keys (device -> server): scalars only.
+TRAIN_LOSS, PHOTO_EPS, STEPS, PARTICIPATIONS = "train-loss", "photo-eps", "steps", "participations"
+TRAINED, BUDGET_EXHAUSTED = "trained", "budget-exhausted"
+PERSONALISED = "personalised"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the server asks a device to do in one round."""
+
+    local_epochs: float = 2.0
+    batch_size: int = 8
+    lr_shared: float = 0.05
+    lr_personal: float = 1.0
+    photo_dp: bool = True
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-3
+    accountant: str = "rdp"
+    budget_epsilon: float = 0.0  # 0: no budget
+    seed: int = 0
+
+
+def round_config(recipe: Recipe, task: dict[str, Any], fleet: FleetSpec) -> ConfigRecord:
+    record: dict[str, Any] = {f"recipe.{k}": v for k, v in asdict(recipe).items()}
+    record["task"] = json.dumps(task)
+    record["fleet"] = json.dumps(asdict(fleet))
+    return ConfigRecord(record)
+
+
+def parse_round_config(config: ConfigRecord) -> tuple[Recipe, dict[str, Any], FleetSpec]:
+    # Coerce to each field's default's type: records hold bools and ints loosely.
+    values = {f.name: type(f.default)(config[f"recipe.{f.name}"]) for f in fields(Recipe)}
+    task = json.loads(str(config["task"]))
+    fleet = FleetSpec(**json.loads(str(config["fleet"])))
+    return Recipe(**values), task, fleet

@@ -1,0 +1,183 @@
+"""The federated round loop: sample devices, train, aggregate, evaluate, log.
+
+fedface drives the rounds itself instead of calling ``Strategy.start`` because
+it must own *which* devices take part: sampling is seeded (reproducible runs),
+devices whose privacy budget is spent are no longer sampled, and the privacy
+accounting must match the sampling scheme actually used. A Flower strategy
+(FedAvg by default, any ``flwr.serverapp.strategy`` class by config) still builds
+the messages and aggregates the replies; it is handed a view of the grid that
+contains exactly the devices fedface sampled.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fl import protocol as P
+from fl.data.fleet import FleetSpec
+from fl.tasks.base import Task
+from fl.tracking import keys as K
+from server.newuser import newuser_swap_psnr
+
+
+class SampledGrid:
+    """A grid whose node list is the devices fedface sampled for this step."""
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        self._grid, self._node_ids = grid, [int(n) for n in node_ids]
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+@dataclass
+class LoopSettings:
+    rounds: int
+    devices_per_round: int
+    eval_devices: int
+    num_devices: int
+    newuser_every: int
+    newuser_identities: int
+    newuser_steps: int
+    round_timeout: float
+    seed: int
+    photo_dp: bool
+    photo_delta: float
+
+
+@dataclass
+class LoopResult:
+    shared: dict[str, torch.Tensor]
+    history: dict[int, dict[str, float]] = field(default_factory=dict)
+    photo_eps: dict[int, float] = field(default_factory=dict)  # per node, latest
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float = 120.0) -> list[int]:
+    start = time.time()
+    while len(nodes := sorted(grid.get_node_ids())) < expected:
+        if time.time() - start > timeout:
+            raise RuntimeError(f"only {len(nodes)} of {expected} devices connected "
+                               f"after {timeout:.0f}s")
+        time.sleep(0.2)
+    return nodes
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+class RoundLoop:
+    def __init__(self, grid: Grid, strategy: Strategy, task: Task, spec: FleetSpec,
+                 settings: LoopSettings, round_config: ConfigRecord,
+                 personal_init: dict[str, torch.Tensor],
+                 on_round: Callable[[int, dict[str, float]], None]) -> None:
+        self.grid, self.strategy, self.task, self.spec = grid, strategy, task, spec
+        self.s = settings
+        self.config = round_config
+        self.personal_init = personal_init
+        self.personal_record = ArrayRecord(personal_init)
+        self.on_round = on_round
+        self.rng = np.random.default_rng(settings.seed)
+
+    def _sample(self, nodes: list[int], k: int) -> list[int]:
+        """k distinct nodes, uniformly. Indices, not ids, go through numpy: Flower
+        node ids are unsigned 64-bit and would not survive an int64 array."""
+        return [nodes[i] for i in self.rng.choice(len(nodes), k, replace=False)]
+
+    def _send(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        for message in messages:
+            message.content[P.PERSONAL_INIT] = self.personal_record
+        return list(self.grid.send_and_receive(messages, timeout=self.s.round_timeout))
+
+    def run(self, shared: dict[str, torch.Tensor]) -> LoopResult:
+        nodes = wait_for_nodes(self.grid, self.s.num_devices)
+        panel = sorted(self._sample(nodes, self.s.eval_devices))
+        exhausted: set[int] = set()
+        result = LoopResult(shared=dict(shared))
+
+        metrics = self._evaluate(0, result.shared, panel)
+        metrics.update(self._newuser(result.shared))
+        result.history[0] = metrics
+        self.on_round(0, metrics)
+
+        for rnd in range(1, self.s.rounds + 1):
+            start = time.time()
+            eligible = [n for n in nodes if n not in exhausted]
+            if not eligible:
+                break
+            sampled = self._sample(eligible, min(self.s.devices_per_round, len(eligible)))
+            arrays = ArrayRecord(result.shared)
+            replies = self._send(self.strategy.configure_train(
+                rnd, arrays, ConfigRecord(dict(self.config)), SampledGrid(self.grid, sampled)))
+            metrics = self._collect_train(rnd, len(sampled), replies, result, exhausted)
+            metrics.update(self._evaluate(rnd, result.shared, panel))
+            if rnd % max(self.s.newuser_every, 1) == 0 or rnd == self.s.rounds:
+                metrics.update(self._newuser(result.shared))
+            metrics[K.ROUND_SECONDS] = time.time() - start
+            result.history[rnd] = metrics
+            self.on_round(rnd, metrics)
+        return result
+
+    def _collect_train(self, rnd: int, num_sampled: int, replies: list[Message],
+                       result: LoopResult, exhausted: set[int]) -> dict[str, float]:
+        ok = [r for r in replies if not r.has_error()]
+        trained = [r for r in ok if P.ARRAYS in r.content]
+        losses = []
+        for reply in ok:
+            node = reply.metadata.src_node_id
+            m = reply.content[P.METRICS]
+            if self.s.photo_dp:
+                result.photo_eps[node] = float(m[P.PHOTO_EPS])
+            if int(m[P.BUDGET_EXHAUSTED]):
+                exhausted.add(node)
+            if int(m[P.TRAINED]):
+                losses.append(float(m[P.TRAIN_LOSS]))
+        if trained:
+            aggregated, _ = self.strategy.aggregate_train(rnd, trained)
+            if aggregated is not None:
+                result.shared.update(aggregated.to_torch_state_dict())
+        metrics = {
+            K.TRAIN_LOSS: _mean(losses),
+            K.DEVICES_TRAINED: float(len(trained)),
+            # Errors and devices that never answered (timeouts) alike.
+            K.DEVICES_FAILED: float(num_sampled - len(ok)),
+            K.DEVICES_BUDGET_EXHAUSTED: float(len(exhausted)),
+        }
+        if self.s.photo_dp:
+            eps = list(result.photo_eps.values()) or [0.0]
+            metrics[K.PHOTO_EPS_MAX] = float(np.max(eps))
+            metrics[K.PHOTO_EPS_MEAN] = float(np.mean(eps))
+            metrics[K.PHOTO_DELTA] = self.s.photo_delta
+        return metrics
+
+    def _evaluate(self, rnd: int, shared: dict[str, torch.Tensor],
+                  panel: list[int]) -> dict[str, float]:
+        if not panel:
+            return {}
+        replies = self._send(self.strategy.configure_evaluate(
+            rnd, ArrayRecord(shared), ConfigRecord(dict(self.config)),
+            SampledGrid(self.grid, panel)))
+        ok = [r.content[P.METRICS] for r in replies if not r.has_error()]
+        out = {key: _mean([float(m[name]) for m in ok]) for name, key in K.QUALITY.items()
+               if ok and name in ok[0]}
+        out[K.DEVICES_EVALUATED_PERSONALISED] = float(sum(int(m[P.PERSONALISED]) for m in ok))
+        return out
+
+    def _newuser(self, shared: dict[str, torch.Tensor]) -> dict[str, float]:
+        if self.s.newuser_identities <= 0:
+            return {}
+        score = newuser_swap_psnr(self.task, shared, self.personal_init, self.spec,
+                                  self.s.newuser_identities, self.s.newuser_steps, self.s.seed)
+        return {K.NEWUSER_SWAP_PSNR: score}

@@ -1,0 +1,75 @@
+"""The one place that starts Flower's Simulation Engine.
+
+Choice (see docs/architecture.md): ``flwr.simulation.run_simulation`` in-process,
+although Flower 1.41 marks it deprecated in favour of ``flwr run``. In-process,
+the Hydra job, its MLflow run and the ServerApp share one Python process, so a
+Hydra multirun is a loop of ordinary function calls, the objective value comes
+straight back to a sweeper, and no background SuperLink outlives the command.
+``flwr run .`` stays supported for deployments (``server.app.app``,
+``clients.app.app``), with the same ServerApp/ClientApp code. If Flower removes
+``run_simulation``, only this module changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+from omegaconf import DictConfig
+
+from clients.app import app as client_app
+from server.app import Summary, run_experiment
+
+
+class _DropChosenDeprecation(logging.Filter):
+    """``run_simulation`` is deprecated, and we chose it knowingly (module doc)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def _quiet_framework_logs(verbose: bool) -> None:
+    """Keep Flower's own console handler to warnings; its records still reach the
+    root logger, which Hydra writes to the job's log file (configs/config.yaml)."""
+    flwr_logger = logging.getLogger("flwr")
+    if not any(isinstance(f, _DropChosenDeprecation) for f in flwr_logger.filters):
+        flwr_logger.addFilter(_DropChosenDeprecation())
+    if verbose:
+        return
+    for handler in flwr_logger.handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
+def simulate(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None = None) -> Summary:
+    """Run one experiment on a simulated fleet of ``fleet.num_devices`` devices.
+
+    ``wrap_grid`` lets an observer see every message (the tests use it to check
+    that nothing personal leaves a device).
+    """
+    outcome: dict[str, Summary] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context) -> None:
+        outcome["summary"] = run_experiment(wrap_grid(grid) if wrap_grid else grid, cfg)
+
+    _quiet_framework_logs(bool(cfg.verbose))
+    # Each simulated device trains with one thread; Ray runs as many as cores allow.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    backend_config = {
+        "client_resources": {"num_cpus": float(cfg.fleet.cpus_per_device), "num_gpus": 0.0},
+        "init_args": {"logging_level": logging.ERROR, "log_to_driver": bool(cfg.verbose),
+                      "include_dashboard": False},
+    }
+    run_simulation(server_app=server_app, client_app=client_app,
+                   num_supernodes=int(cfg.fleet.num_devices),
+                   backend_config=backend_config, verbose_logging=bool(cfg.verbose))
+    if "summary" not in outcome:
+        raise RuntimeError("the simulation ended without finishing the experiment; see the "
+                           "Flower log (the Hydra job's .log file, or rerun with verbose=true)")
+    return outcome["summary"]

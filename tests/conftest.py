@@ -1,0 +1,37 @@
+"""Shared fixtures: small real data, a tiny pretrained checkpoint, temp MLflow."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(tmp_path_factory) -> list[str]:
+    """Hydra overrides for a fleet small enough to simulate in seconds."""
+    cache = tmp_path_factory.mktemp("pretrain-cache")
+    return [
+        "fleet.num_devices=3", "fleet.devices_per_round=3", "fleet.rounds=2",
+        "fleet.eval_devices=2", "fleet.newuser_identities=1", "fleet.newuser_steps=3",
+        "fleet.newuser_every=1", "data.num_public=8", "data.photos_min=10",
+        "data.photos_max=12", "data.heldout_photos=3", "data.clip_length=3",
+        "task.eval_clips=1", "task.width=8", "pretrain.steps=5", "pretrain.batch_size=4",
+        f"pretrain.cache_dir={cache}", "local.epochs=1", "local.batch_size=4",
+        "privacy.photo.delta=1e-3",
+    ]
+
+
+@pytest.fixture()
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative
+    return uri
+
+
+def pytest_configure(config):
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

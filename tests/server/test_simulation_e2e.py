@@ -1,0 +1,131 @@
+"""End to end: a real Flower simulation, real Opacus, a real MLflow store.
+
+Three devices, all sampled in both rounds, so every device trains twice and its
+reported epsilon must cover both participations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+from fl import protocol as P
+from fl.config import compose, fleet_spec, task_params
+from fl.data.fleet import device_photo_count
+from fl.privacy.ledger import epsilon_of
+from fl.tasks import get_task
+from fl.tracking import keys as K
+from server.simulation import simulate
+
+pytestmark = pytest.mark.slow
+
+DOCUMENTED_KEYS = [
+    K.TRAIN_LOSS, K.SWAP_PSNR, K.SWAP_SSIM, K.SWAP_PSNR_BASELINE_CLIP,
+    K.SWAP_PSNR_BASELINE_MEAN, K.RECON_PSNR, K.NEWUSER_SWAP_PSNR, K.PHOTO_EPS_MAX,
+    K.PHOTO_EPS_MEAN, K.PHOTO_DELTA, K.DEVICES_TRAINED, K.DEVICES_FAILED,
+]
+
+
+class RecordingGrid:
+    """Passes everything through to Flower's grid and keeps every reply."""
+
+    def __init__(self, grid) -> None:
+        self.grid, self.replies = grid, []
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.replies.extend(replies)
+        return replies
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_overrides, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = compose(tiny_overrides + [f"tracking.uri={uri}"])
+    recorder = {}
+
+    def wrap(grid):
+        recorder["grid"] = RecordingGrid(grid)
+        return recorder["grid"]
+
+    import os
+    cwd = os.getcwd()
+    os.chdir(tmp)  # artifacts of a sqlite store land relative to the cwd
+    try:
+        summary = simulate(cfg, wrap_grid=wrap)
+    finally:
+        os.chdir(cwd)
+    return cfg, uri, summary, recorder["grid"].replies
+
+
+def test_mlflow_holds_documented_keys_with_sane_values(finished_run):
+    _cfg, uri, summary, _ = finished_run
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    missing = [k for k in DOCUMENTED_KEYS if k not in metrics]
+    assert not missing, f"documented keys missing from MLflow: {missing}"
+    assert metrics[K.DEVICES_TRAINED] == 3 and metrics[K.DEVICES_FAILED] == 0
+    for key in (K.SWAP_PSNR, K.SWAP_PSNR_BASELINE_CLIP, K.SWAP_PSNR_BASELINE_MEAN,
+                K.RECON_PSNR, K.NEWUSER_SWAP_PSNR):
+        assert 5.0 < metrics[key] < 60.0, key
+    assert 0.0 < metrics[K.SWAP_SSIM] <= 1.0
+    assert metrics[K.PHOTO_DELTA] == pytest.approx(1e-3)
+    # one value per round (0 = pretrained, before fine-tuning) for quality metrics
+    steps = [m.step for m in client.get_metric_history(summary.run_id, K.SWAP_PSNR)]
+    assert steps == [0, 1, 2]
+    assert run.data.params["fleet.num_devices"] == "3"
+    artifacts = {a.path for a in client.list_artifacts(summary.run_id)}
+    assert {"config", "model"} <= artifacts
+
+
+def test_device_epsilon_covers_both_participations(finished_run):
+    cfg, uri, summary, _ = finished_run
+    spec = fleet_spec(cfg)
+    recipe = cfg.privacy.photo
+    expected = []
+    for device in range(spec.num_devices):
+        n = device_photo_count(spec, device)
+        batches = math.ceil(n / cfg.local.batch_size)
+        steps = max(1, round(cfg.local.epochs * batches))
+        expected.append(epsilon_of([(recipe.noise_multiplier, 1 / batches, 2 * steps)],
+                                   recipe.delta))
+    client = mlflow.MlflowClient(uri)
+    history = {m.step: m.value for m in client.get_metric_history(summary.run_id,
+                                                                   K.PHOTO_EPS_MAX)}
+    assert history[2] == pytest.approx(max(expected), rel=1e-9)
+    assert history[2] > history[1] > 0
+    mean = client.get_run(summary.run_id).data.metrics[K.PHOTO_EPS_MEAN]
+    assert mean == pytest.approx(np.mean(expected), rel=1e-9)
+
+
+def test_nothing_personal_or_image_shaped_leaves_a_device(finished_run):
+    cfg, _, _, replies = finished_run
+    size = cfg.data.image_size
+    task = get_task(task_params(cfg))
+    shared_keys = set(task.shared_state(task.build_model(size)))
+    assert replies, "no replies were recorded"
+    for reply in replies:
+        assert not reply.has_error(), reply.error
+        for name, record in reply.content.items():
+            assert name in (P.ARRAYS, P.METRICS), f"unexpected record {name!r} in a reply"
+            if isinstance(record, ArrayRecord):
+                # exactly the model's shared weights: no personal part, nothing extra
+                assert set(record) == shared_keys, set(record) ^ shared_keys
+                for key, array in record.items():
+                    shape = tuple(array.shape)
+                    image_like = len(shape) >= 3 and shape[-2:] == (size, size)
+                    assert not image_like, f"image-shaped tensor {key} {shape} left a device"
+            else:
+                assert isinstance(record, MetricRecord) and not isinstance(record, ConfigRecord)
+                for key, value in record.items():
+                    assert isinstance(value, (int, float)), f"non-scalar metric {key}"
