@@ -95,6 +95,14 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+@app.query()
+def roll_call(msg: Message, context: Context) -> Message:
+    """Say which device this node is, so the server can order and sample devices
+    reproducibly (Flower's node ids are random per run)."""
+    metrics = MetricRecord({P.DEVICE_INDEX: device_index(context)})
+    return Message(content=RecordDict({P.METRICS: metrics}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     _, task, fleet, _, photos, model = _prepare(msg, context)

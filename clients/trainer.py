@@ -50,6 +50,19 @@ class Outcome:
     sample_rate: float = 0.0
 
 
+def personal_lr(recipe: Recipe, previous_participations: int) -> float:
+    """Step size of the personal part in this participation.
+
+    With ``personal_lr_decay`` the k-th participation uses ``lr_personal / k``, a
+    Robbins-Monro schedule: each participation's DP noise is averaged out by the
+    later ones instead of accumulating as a random walk (measured: 24.4 dB vs
+    23.3 dB swap PSNR after 3 participations; docs/privacy.md).
+    """
+    if not recipe.personal_lr_decay:
+        return recipe.lr_personal
+    return recipe.lr_personal / (previous_participations + 1)
+
+
 def set_trainable(task: Task, model: nn.Module) -> tuple[list, list]:
     """Freeze everything except the personal part and the device-trained shared
     weights; return (personal params, device-trained shared params)."""
@@ -76,7 +89,7 @@ def train_on_device(task: Task, model: nn.Module, photos: torch.Tensor, recipe: 
     generator = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     personal, shared = set_trainable(task, model)
-    groups = [{"params": personal, "lr": recipe.lr_personal}]
+    groups = [{"params": personal, "lr": personal_lr(recipe, ledger.participations)}]
     if shared:
         groups.append({"params": shared, "lr": recipe.lr_shared})
     optimizer = torch.optim.SGD(groups)
@@ -87,6 +100,7 @@ def train_on_device(task: Task, model: nn.Module, photos: torch.Tensor, recipe: 
     if not recipe.photo_dp:
         steps = max(1, math.ceil(recipe.local_epochs * len(loader)))
         loss = _run_steps(task, model, optimizer, loader, steps)
+        ledger.participations += 1  # no DP events: the ledger only counts rounds
         return Outcome(TRAINED, steps=steps, loss=loss)
 
     with warnings.catch_warnings():

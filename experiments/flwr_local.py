@@ -75,12 +75,18 @@ def main(overrides: list[str]) -> int:
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{(Path.cwd() / uri.removeprefix('sqlite:///')).resolve()}"
-    run_overrides = list(overrides) + [f"model.init={Path(init_checkpoint_path(cfg)).resolve()}",
-                                       f"tracking.uri={uri}"]
+    pinned = {"model.init": str(Path(init_checkpoint_path(cfg)).resolve()), "tracking.uri": uri}
+    run_overrides = [o for o in overrides if o.split("=", 1)[0] not in pinned]
+    run_overrides += [f"{key}={value}" for key, value in pinned.items()]
     write_connection(home, cfg.fleet.num_devices, cfg.fleet.cpus_per_device)
-    env = dict(os.environ, FLWR_HOME=str(home))
+    # Use this environment's Flower even when it is not activated: `flwr` starts
+    # `flower-superlink` by name, so its directory goes first on PATH.
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, FLWR_HOME=str(home),
+               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     joined = " ".join(run_overrides)  # one TOML string; the ServerApp splits it with shlex
-    command = ["flwr", "run", str(REPO), "--stream", "--run-config", f"overrides={joined!r}"]
+    command = [str(bin_dir / "flwr"), "run", str(REPO), "--stream", "--run-config",
+               f"overrides={joined!r}"]
     say(f"FLWR_HOME={home}\n$ {' '.join(shlex.quote(c) for c in command)}")
     try:
         return subprocess.run(command, env=env, check=False).returncode

@@ -80,6 +80,7 @@ def recipe(cfg: DictConfig) -> Recipe:
     p, loc = cfg.privacy.photo, cfg.local
     return Recipe(local_epochs=float(loc.epochs), batch_size=int(loc.batch_size),
                   lr_shared=float(loc.lr_shared), lr_personal=float(loc.lr_personal),
+                  personal_lr_decay=bool(loc.personal_lr_decay),
                   photo_dp=bool(p.enabled), noise_multiplier=float(p.noise_multiplier),
                   max_grad_norm=float(p.max_grad_norm), delta=float(p.delta),
                   accountant=str(p.accountant), budget_epsilon=float(p.budget_epsilon),

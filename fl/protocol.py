@@ -28,6 +28,7 @@ WEIGHT_KEY = "num-examples"
 TRAIN_LOSS, PHOTO_EPS, STEPS, PARTICIPATIONS = "train-loss", "photo-eps", "steps", "participations"
 TRAINED, BUDGET_EXHAUSTED = "trained", "budget-exhausted"
 PERSONALISED = "personalised"
+DEVICE_INDEX = "device-index"  # roll-call reply: the device's pseudonymous index
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,11 @@ class Recipe:
     local_epochs: float = 2.0
     batch_size: int = 8
     lr_shared: float = 0.05
-    lr_personal: float = 1.0
+    lr_personal: float = 10.0
+    personal_lr_decay: bool = True  # divide lr_personal by the participation number
     photo_dp: bool = True
     noise_multiplier: float = 1.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 0.05
     delta: float = 1e-3
     accountant: str = "rdp"
     budget_epsilon: float = 0.0  # 0: no budget

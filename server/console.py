@@ -27,6 +27,8 @@ def format_round(rnd: int, rounds: int, per_round: int, m: dict[str, float]) -> 
         parts.append(f"new-user {_db(m, K.NEWUSER_SWAP_PSNR)} dB")
     if K.PHOTO_EPS_MAX in m:
         parts.append(f"photo eps max {m[K.PHOTO_EPS_MAX]:.2f}")
+    if m.get(K.DEVICES_BUDGET_EXHAUSTED):
+        parts.append(f"at budget {int(m[K.DEVICES_BUDGET_EXHAUSTED])}")
     if m.get(K.DEVICES_FAILED):
         parts.append(f"failed {int(m[K.DEVICES_FAILED])}")
     if K.ROUND_SECONDS in m:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -67,10 +67,31 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float = 120.0) -> list[in
     start = time.time()
     while len(nodes := sorted(grid.get_node_ids())) < expected:
         if time.time() - start > timeout:
-            raise RuntimeError(f"only {len(nodes)} of {expected} devices connected "
-                               f"after {timeout:.0f}s")
+            raise RuntimeError(
+                f"only {len(nodes)} of fleet.num_devices={expected} devices connected after "
+                f"{timeout:.0f}s; start more SuperNodes or lower fleet.num_devices")
         time.sleep(0.2)
     return nodes
+
+
+def roll_call(grid: Grid, nodes: list[int], timeout: float) -> list[int]:
+    """Nodes ordered by the device index each reports.
+
+    Flower draws node ids at random per run; ordering by device index makes the
+    seeded sampling and evaluation panel pick the same users in every run, so
+    runs with different settings are compared on the same people.
+    """
+    messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
+                for n in nodes]
+    index = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"device {reply.metadata.src_node_id} did not answer the roll "
+                               f"call: {reply.error.reason}")
+        index[reply.metadata.src_node_id] = int(reply.content[P.METRICS][P.DEVICE_INDEX])
+    if len(index) != len(nodes):
+        raise RuntimeError(f"{len(nodes) - len(index)} devices did not answer the roll call")
+    return sorted(nodes, key=lambda node: index[node])
 
 
 def _mean(values: list[float]) -> float:
@@ -102,7 +123,8 @@ class RoundLoop:
         return list(self.grid.send_and_receive(messages, timeout=self.s.round_timeout))
 
     def run(self, shared: dict[str, torch.Tensor]) -> LoopResult:
-        nodes = wait_for_nodes(self.grid, self.s.num_devices)
+        nodes = roll_call(self.grid, wait_for_nodes(self.grid, self.s.num_devices),
+                          self.s.round_timeout)
         panel = sorted(self._sample(nodes, self.s.eval_devices))
         exhausted: set[int] = set()
         result = LoopResult(shared=dict(shared))

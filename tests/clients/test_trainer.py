@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from clients.trainer import BUDGET_EXHAUSTED, TRAINED, train_on_device
+from clients.trainer import BUDGET_EXHAUSTED, TRAINED, personal_lr, train_on_device
 from fl.data.fleet import FleetSpec, device_photos
 from fl.privacy.ledger import PhotoLedger, epsilon_of
 from fl.protocol import Recipe
@@ -87,3 +87,16 @@ def test_device_over_budget_does_not_train_and_spends_nothing(setup):
     assert ledger.events == events and ledger.participations == 1
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert ledger.epsilon(1e-3) <= budget.budget_epsilon
+
+
+def test_personal_step_size_decays_with_participations():
+    recipe = Recipe(lr_personal=10.0)
+    assert [personal_lr(recipe, k) for k in range(3)] == [10.0, 5.0, pytest.approx(10 / 3)]
+    assert personal_lr(dataclasses.replace(recipe, personal_lr_decay=False), 5) == 10.0
+
+
+def test_participations_are_counted_without_dp_too(setup):
+    task, model, photos, recipe = setup
+    ledger = PhotoLedger()
+    train_on_device(task, model, photos, dataclasses.replace(recipe, photo_dp=False), ledger)
+    assert ledger.participations == 1 and ledger.events == []
