@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from fl.data.fleet import FleetSpec
 from fl.data.synthfaces import MAX_SIZE, MIN_SIZE
 from fl.privacy.ledger import ACCOUNTANTS
+from fl.privacy.plan import PhotoPlan
+from fl.privacy.user_level import SAMPLING, USER_ACCOUNTANTS
 from fl.protocol import Recipe
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -53,19 +55,58 @@ def validate(cfg: DictConfig) -> None:
     _require(loc.batch_size >= 1, "local.batch_size", loc.batch_size, "at least 1")
     _require(loc.lr_shared >= 0, "local.lr_shared", loc.lr_shared, "non-negative")
     _require(loc.lr_personal >= 0, "local.lr_personal", loc.lr_personal, "non-negative")
+    _require(f.sampling in SAMPLING, "fleet.sampling", f.sampling, f"one of {list(SAMPLING)}")
     if p.enabled:
-        _require(p.noise_multiplier > 0, "privacy.photo.noise_multiplier", p.noise_multiplier,
-                 "positive (DP-SGD without noise is not private; use privacy=none instead)")
+        _validate_noise("privacy.photo", p)
         _require(p.max_grad_norm > 0, "privacy.photo.max_grad_norm", p.max_grad_norm,
                  "positive")
-        _require(0 < p.delta < 1, "privacy.photo.delta", p.delta, "strictly between 0 and 1")
-        _require(p.delta < 1.0 / d.photos_max, "privacy.photo.delta", p.delta,
-                 f"below 1/data.photos_max = {1.0 / d.photos_max:.4g}: a larger delta admits "
-                 "mechanisms that publish one photo outright")
+        _validate_delta("privacy.photo.delta", p.delta, d.photos_max, "data.photos_max",
+                        "photo")
         _require(p.accountant in ACCOUNTANTS, "privacy.photo.accountant", p.accountant,
                  f"one of {list(ACCOUNTANTS)}")
-        _require(p.budget_epsilon >= 0, "privacy.photo.budget_epsilon", p.budget_epsilon,
+        _require((p.budget_epsilon or 0) >= 0, "privacy.photo.budget_epsilon",
+                 p.budget_epsilon, "non-negative (0 means no budget)")
+    u = cfg.privacy.user
+    if u.enabled:
+        _validate_noise("privacy.user", u)
+        _require(u.clip > 0, "privacy.user.clip", u.clip, "positive")
+        simulated = bool(u.simulated_population or u.simulated_cohort_size)
+        if simulated:
+            _require(1 <= u.simulated_cohort_size <= u.simulated_population,
+                     "privacy.user.simulated_cohort_size", u.simulated_cohort_size,
+                     "set together with privacy.user.simulated_population, between 1 and it")
+        population = u.simulated_population if simulated else f.num_devices
+        _validate_delta("privacy.user.delta", u.delta, population,
+                        "the population (fleet.num_devices or the simulated population)", "user")
+        _require(u.accountant in USER_ACCOUNTANTS, "privacy.user.accountant", u.accountant,
+                 f"one of {list(USER_ACCOUNTANTS)}")
+        _require(u.accountant == "rdp" or f.sampling == "poisson", "privacy.user.accountant",
+                 u.accountant, "rdp when fleet.sampling=fixed (PLD has no sampling-without-"
+                 "replacement event); or set fleet.sampling=poisson")
+        _require((u.budget_epsilon or 0) >= 0, "privacy.user.budget_epsilon", u.budget_epsilon,
                  "non-negative (0 means no budget)")
+
+
+def _validate_noise(prefix: str, section: DictConfig) -> None:
+    noise, target = section.noise_multiplier, section.target_epsilon
+    _require((noise is None) != (target is None), f"{prefix}.noise_multiplier", noise,
+             f"set exactly one of {prefix}.noise_multiplier and {prefix}.target_epsilon "
+             f"(got target_epsilon={target})")
+    if noise is not None:
+        _require(noise > 0, f"{prefix}.noise_multiplier", noise,
+                 "positive (DP without noise is not private; turn this unit off instead)")
+    else:
+        _require(target > 0, f"{prefix}.target_epsilon", target, "positive")
+
+
+def _validate_delta(key: str, delta: float | None, units: int, units_name: str,
+                    unit: str) -> None:
+    if delta is None:
+        return
+    _require(0 < delta < 1, key, delta, "strictly between 0 and 1")
+    _require(delta < 1.0 / units, key, delta,
+             f"below 1/{units_name} = {1.0 / units:.4g}: a larger delta admits mechanisms "
+             f"that publish one {unit}'s data outright")
 
 
 def fleet_spec(cfg: DictConfig) -> FleetSpec:
@@ -76,14 +117,15 @@ def fleet_spec(cfg: DictConfig) -> FleetSpec:
                      clip_length=d.clip_length)
 
 
-def recipe(cfg: DictConfig) -> Recipe:
-    p, loc = cfg.privacy.photo, cfg.local
+def recipe(cfg: DictConfig, photo: PhotoPlan) -> Recipe:
+    """The round instructions for devices, with the *resolved* photo-level plan."""
+    loc = cfg.local
     return Recipe(local_epochs=float(loc.epochs), batch_size=int(loc.batch_size),
                   lr_shared=float(loc.lr_shared), lr_personal=float(loc.lr_personal),
                   personal_lr_decay=bool(loc.personal_lr_decay),
-                  photo_dp=bool(p.enabled), noise_multiplier=float(p.noise_multiplier),
-                  max_grad_norm=float(p.max_grad_norm), delta=float(p.delta),
-                  accountant=str(p.accountant), budget_epsilon=float(p.budget_epsilon),
+                  photo_dp=photo.enabled, noise_multiplier=photo.noise_multiplier,
+                  max_grad_norm=photo.max_grad_norm, delta=photo.delta,
+                  accountant=photo.accountant, budget_epsilon=photo.budget_epsilon,
                   seed=int(cfg.seed))
 
 

@@ -23,6 +23,7 @@ from fl import config as C
 from fl import protocol as P
 from fl.console import say
 from fl.pretrain import cached_pretrain, load_checkpoint
+from fl.privacy.plan import privacy_plan
 from fl.tasks import get_task
 from fl.tracking.mlflow_run import RunLogger
 from server.console import format_round, format_summary, last_value
@@ -62,15 +63,16 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
     task = get_task(C.task_params(cfg))
     spec = C.fleet_spec(cfg)
     checkpoint = load_checkpoint(init_checkpoint_path(cfg, log))
-    recipe = C.recipe(cfg)
+    plan = privacy_plan(cfg)
+    recipe = C.recipe(cfg, plan.photo)
     f = cfg.fleet
     settings = LoopSettings(
-        rounds=f.rounds, devices_per_round=f.devices_per_round, eval_devices=f.eval_devices,
-        num_devices=f.num_devices, newuser_every=f.newuser_every,
+        rounds=f.rounds, devices_per_round=f.devices_per_round, sampling=f.sampling,
+        eval_devices=f.eval_devices, num_devices=f.num_devices, newuser_every=f.newuser_every,
         newuser_identities=f.newuser_identities, newuser_steps=f.newuser_steps,
-        round_timeout=f.round_timeout, seed=cfg.seed, photo_dp=recipe.photo_dp,
-        photo_delta=recipe.delta)
+        round_timeout=f.round_timeout, seed=cfg.seed, photo=plan.photo, user=plan.user)
     logger = RunLogger(cfg)
+    logger.log_params(plan.params())
     log(f"MLflow run {logger.run_id} ({logger.uri})")
 
     def on_round(rnd: int, metrics: dict[str, float]) -> None:
@@ -82,13 +84,16 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
                      checkpoint["personal_init"], on_round)
     try:
         result = loop.run(checkpoint["shared"])
+        if result.stopped:
+            log(f"stopped early: {result.stopped}")
+            logger.set_tag("fedface.stopped", result.stopped)
         logger.log_shared_model(result.shared, checkpoint["personal_init"])
     except BaseException:
         logger.end("FAILED")  # everything logged so far stays in MLflow
         raise
     logger.end()
     summary = Summary(logger.run_id, logger.ui_command(), result.history)
-    log(format_summary(summary.history, recipe, logger.run_id, summary.ui_command,
+    log(format_summary(summary.history, plan, logger.run_id, summary.ui_command,
                        cfg.tracking.experiment_name))
     return summary
 

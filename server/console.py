@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from fl.protocol import Recipe
+from fl.privacy.plan import PrivacyPlan
 from fl.tracking import keys as K
 
 
@@ -27,6 +27,10 @@ def format_round(rnd: int, rounds: int, per_round: int, m: dict[str, float]) -> 
         parts.append(f"new-user {_db(m, K.NEWUSER_SWAP_PSNR)} dB")
     if K.PHOTO_EPS_MAX in m:
         parts.append(f"photo eps max {m[K.PHOTO_EPS_MAX]:.2f}")
+    if K.USER_EPS in m:
+        parts.append(f"user eps {m[K.USER_EPS]:.2f}")
+    if K.SIM_USER_EPS in m:
+        parts.append(f"(simulated user eps {m[K.SIM_USER_EPS]:.2f})")
     if m.get(K.DEVICES_BUDGET_EXHAUSTED):
         parts.append(f"at budget {int(m[K.DEVICES_BUDGET_EXHAUSTED])}")
     if m.get(K.DEVICES_FAILED):
@@ -43,17 +47,37 @@ def last_value(history: dict[int, dict[str, float]], key: str) -> float:
     return float("nan")
 
 
-def format_summary(history: dict[int, dict[str, float]], recipe: Recipe, run_id: str,
+def _privacy_lines(history: dict[int, dict[str, float]], plan: PrivacyPlan) -> list[str]:
+    def last(key: str) -> float:
+        return last_value(history, key)
+
+    lines = []
+    photo, user = plan.photo, plan.user
+    if photo.enabled:
+        lines.append(f"photo level  epsilon max {last(K.PHOTO_EPS_MAX):.2f}, mean "
+                     f"{last(K.PHOTO_EPS_MEAN):.2f} at delta {photo.delta:g} per photo "
+                     f"({photo.accountant.upper()}, noise {photo.noise_multiplier:.3g}, "
+                     f"clip {photo.max_grad_norm:g})")
+    if user.enabled:
+        m = user.mechanism
+        lines.append(f"user level   epsilon {last(K.USER_EPS):.2f} at delta "
+                     f"{last(K.USER_DELTA):.2g} per user ({m.accountant.upper()}, "
+                     f"{m.sampling} sampling, noise {last(K.USER_NOISE_MULTIPLIER):.3g}, "
+                     f"clip {m.clip:g})")
+        if m.simulated:
+            lines.append(f"SIMULATED    epsilon {last(K.SIM_USER_EPS):.2f} at delta {m.delta:.2g} "
+                         f"as if {m.cohort} of {m.population} devices took part per round "
+                         "(a simulation of a larger deployment, not this run's guarantee)")
+    return lines or ["privacy      none (privacy=none): no differential privacy guarantee"]
+
+
+def format_summary(history: dict[int, dict[str, float]], plan: PrivacyPlan, run_id: str,
                    ui_command: str, experiment: str) -> str:
     first = history.get(0, {})
-    last = lambda key: last_value(history, key)
-    if recipe.photo_dp:
-        privacy = (f"photo-level epsilon max {last(K.PHOTO_EPS_MAX):.2f}, mean "
-                   f"{last(K.PHOTO_EPS_MEAN):.2f} at delta {recipe.delta:g} per photo "
-                   f"({recipe.accountant.upper()} accountant, noise {recipe.noise_multiplier:g}, "
-                   f"clip {recipe.max_grad_norm:g})")
-    else:
-        privacy = "none (privacy=none): no differential privacy guarantee"
+
+    def last(key: str) -> float:
+        return last_value(history, key)
+
     return "\n".join([
         "",
         "== fedface run finished ==",
@@ -64,7 +88,7 @@ def format_summary(history: dict[int, dict[str, float]], recipe: Recipe, run_id:
         f"swap SSIM    {last(K.SWAP_SSIM):.3f}   reconstruction PSNR {last(K.RECON_PSNR):.2f} dB",
         (f"new user     {last(K.NEWUSER_SWAP_PSNR):.2f} dB swap PSNR (pretrained: "
         f"{first.get(K.NEWUSER_SWAP_PSNR, float('nan')):.2f} dB)"),
-        f"privacy      {privacy}",
+        *_privacy_lines(history, plan),
         f"MLflow run   {run_id}  (experiment '{experiment}')",
         f"open the UI  {ui_command}",
     ])

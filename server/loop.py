@@ -23,6 +23,9 @@ from flwr.serverapp.strategy import Strategy
 
 from fl import protocol as P
 from fl.data.fleet import FleetSpec
+from fl.privacy.dp_fedavg import dp_fedavg
+from fl.privacy.plan import PhotoPlan, UserPlan, default_delta
+from fl.privacy.user_level import UserMechanism
 from fl.tasks.base import Task
 from fl.tracking import keys as K
 from server.newuser import newuser_swap_psnr
@@ -45,6 +48,7 @@ class SampledGrid:
 class LoopSettings:
     rounds: int
     devices_per_round: int
+    sampling: str  # "fixed" | "poisson"
     eval_devices: int
     num_devices: int
     newuser_every: int
@@ -52,8 +56,8 @@ class LoopSettings:
     newuser_steps: int
     round_timeout: float
     seed: int
-    photo_dp: bool
-    photo_delta: float
+    photo: PhotoPlan
+    user: UserPlan
 
 
 @dataclass
@@ -61,6 +65,8 @@ class LoopResult:
     shared: dict[str, torch.Tensor]
     history: dict[int, dict[str, float]] = field(default_factory=dict)
     photo_eps: dict[int, float] = field(default_factory=dict)  # per node, latest
+    user_rounds: int = 0  # aggregates released under user-level DP
+    stopped: str = ""  # why the run ended early, if it did
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float = 120.0) -> list[int]:
@@ -116,6 +122,18 @@ class RoundLoop:
         node ids are unsigned 64-bit and would not survive an int64 array."""
         return [nodes[i] for i in self.rng.choice(len(nodes), k, replace=False)]
 
+    def _sample_cohort(self, eligible: list[int]) -> list[int]:
+        """This round's devices, by the scheme the user-level accountant assumes.
+
+        Poisson: every eligible device joins independently with q = k/N, N the
+        whole fleet (so q per user never exceeds the accounted rate). Fixed:
+        exactly k eligible devices, uniformly without replacement.
+        """
+        if self.s.sampling == "poisson":
+            q = self.s.devices_per_round / self.s.num_devices
+            return [n for n, u in zip(eligible, self.rng.random(len(eligible))) if u < q]
+        return self._sample(eligible, min(self.s.devices_per_round, len(eligible)))
+
     def _send(self, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
         for message in messages:
@@ -137,9 +155,10 @@ class RoundLoop:
         for rnd in range(1, self.s.rounds + 1):
             start = time.time()
             eligible = [n for n in nodes if n not in exhausted]
-            if not eligible:
+            result.stopped = self._stop_reason(result, eligible)
+            if result.stopped:
                 break
-            sampled = self._sample(eligible, min(self.s.devices_per_round, len(eligible)))
+            sampled = self._sample_cohort(eligible)
             arrays = ArrayRecord(result.shared)
             replies = self._send(self.strategy.configure_train(
                 rnd, arrays, ConfigRecord(dict(self.config)), SampledGrid(self.grid, sampled)))
@@ -152,6 +171,64 @@ class RoundLoop:
             self.on_round(rnd, metrics)
         return result
 
+    def _stop_reason(self, result: LoopResult, eligible: list[int]) -> str:
+        """Why the next round must not run: no device may train, or releasing one
+        more aggregate would pass the fleet's user-level budget."""
+        if not eligible:
+            return "every device has spent its photo-level budget"
+        user = self.s.user
+        if user.enabled and user.budget_epsilon > 0:
+            after = user.mechanism.epsilon(result.user_rounds + 1)
+            if after > user.budget_epsilon:
+                return (f"one more round would take user-level epsilon to {after:.3f}, past "
+                        f"the budget {user.budget_epsilon:g}")
+        return ""
+
+    def _aggregate(self, rnd: int, trained: list[Message], result: LoopResult,
+                   metrics: dict[str, float]) -> None:
+        """Fold the round's updates into the shared weights.
+
+        Without user-level DP the configured Flower strategy aggregates. With it,
+        DP-FedAvg releases a noised, equally weighted mean of clipped updates of
+        the device-trained weights (even when no device trained: the noise, and
+        its accounting, do not depend on who answered).
+        """
+        user = self.s.user
+        if not user.enabled:
+            if trained:
+                aggregated, _ = self.strategy.aggregate_train(rnd, trained)
+                if aggregated is not None:
+                    result.shared.update(aggregated.to_torch_state_dict())
+            return
+        m = user.mechanism
+        keys = [k for k in result.shared if self.task.is_device_trained(k)]
+        generator = torch.Generator().manual_seed(hash((self.s.seed, rnd)) % 2**63)
+        aggregate = dp_fedavg(
+            result.shared, [r.content[P.ARRAYS].to_torch_state_dict() for r in trained], keys,
+            clip=m.clip, noise_multiplier=m.noise_multiplier,
+            denominator=self.s.devices_per_round, generator=generator,
+            noise_scale=self.s.devices_per_round / m.cohort)
+        result.shared = aggregate.state
+        result.user_rounds += 1
+        metrics[K.UPDATE_CLIP_FRACTION] = aggregate.clip_fraction
+        metrics.update(self._user_epsilons(result.user_rounds))
+
+    def _user_epsilons(self, released: int) -> dict[str, float]:
+        """User-level epsilon of what was released. A simulated cohort reports the
+        simulated deployment under its own keys and, separately, the real run:
+        the real cohort got noise std sigma*C*k/K, i.e. noise multiplier sigma*k/K."""
+        m = self.s.user.mechanism
+        if not m.simulated:
+            return {K.USER_EPS: m.epsilon(released), K.USER_DELTA: m.delta,
+                    K.USER_NOISE_MULTIPLIER: m.noise_multiplier}
+        real = UserMechanism(m.noise_multiplier * self.s.devices_per_round / m.cohort, m.clip,
+                             m.sampling, self.s.num_devices, self.s.devices_per_round,
+                             default_delta(self.s.num_devices), m.accountant)
+        return {K.SIM_USER_EPS: m.epsilon(released), K.SIM_USER_DELTA: m.delta,
+                K.SIM_USER_NOISE_MULTIPLIER: m.noise_multiplier,
+                K.USER_EPS: real.epsilon(released), K.USER_DELTA: real.delta,
+                K.USER_NOISE_MULTIPLIER: real.noise_multiplier}
+
     def _collect_train(self, rnd: int, num_sampled: int, replies: list[Message],
                        result: LoopResult, exhausted: set[int]) -> dict[str, float]:
         ok = [r for r in replies if not r.has_error()]
@@ -160,16 +237,12 @@ class RoundLoop:
         for reply in ok:
             node = reply.metadata.src_node_id
             m = reply.content[P.METRICS]
-            if self.s.photo_dp:
+            if self.s.photo.enabled:
                 result.photo_eps[node] = float(m[P.PHOTO_EPS])
             if int(m[P.BUDGET_EXHAUSTED]):
                 exhausted.add(node)
             if int(m[P.TRAINED]):
                 losses.append(float(m[P.TRAIN_LOSS]))
-        if trained:
-            aggregated, _ = self.strategy.aggregate_train(rnd, trained)
-            if aggregated is not None:
-                result.shared.update(aggregated.to_torch_state_dict())
         metrics = {
             K.TRAIN_LOSS: _mean(losses),
             K.DEVICES_TRAINED: float(len(trained)),
@@ -177,11 +250,13 @@ class RoundLoop:
             K.DEVICES_FAILED: float(num_sampled - len(ok)),
             K.DEVICES_BUDGET_EXHAUSTED: float(len(exhausted)),
         }
-        if self.s.photo_dp:
+        if self.s.photo.enabled:
             eps = list(result.photo_eps.values()) or [0.0]
             metrics[K.PHOTO_EPS_MAX] = float(np.max(eps))
             metrics[K.PHOTO_EPS_MEAN] = float(np.mean(eps))
-            metrics[K.PHOTO_DELTA] = self.s.photo_delta
+            metrics[K.PHOTO_EPS_P95] = float(np.percentile(eps, 95))
+            metrics[K.PHOTO_DELTA] = self.s.photo.delta
+        self._aggregate(rnd, trained, result, metrics)
         return metrics
 
     def _evaluate(self, rnd: int, shared: dict[str, torch.Tensor],

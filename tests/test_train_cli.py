@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _train(args: list[str], timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "experiments.train", *args], check=False,
+                          cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -23,6 +23,7 @@ from clients.app import app as client_app
 from fl import protocol as P
 from fl.config import compose, fleet_spec, recipe, task_params
 from fl.pretrain import load_checkpoint
+from fl.privacy.plan import privacy_plan
 from fl.tracking import keys as K
 from server.app import init_checkpoint_path
 
@@ -45,7 +46,7 @@ def _back_to_back_seconds(cfg, updates: int) -> list[float]:
     torch.set_num_threads(1)
     checkpoint = load_checkpoint(cfg.model.init)
     spec = fleet_spec(cfg)
-    config = P.round_config(recipe(cfg), task_params(cfg), spec)
+    config = P.round_config(recipe(cfg, privacy_plan(cfg).photo), task_params(cfg), spec)
     config["server-round"] = 1
     rng = np.random.default_rng(0)
     contexts: dict[int, Context] = {}

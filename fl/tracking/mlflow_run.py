@@ -42,6 +42,12 @@ class RunLogger:
         mlflow.log_params({k: v[:6000] for k, v in params.items()})
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
 
+    def log_params(self, params: dict[str, str]) -> None:
+        mlflow.log_params(params)
+
+    def set_tag(self, key: str, value: str) -> None:
+        mlflow.set_tag(key, value)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 

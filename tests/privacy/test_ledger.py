@@ -70,3 +70,25 @@ def test_epsilon_after_predicts_the_next_participation():
     ledger = PhotoLedger(events=[(1.0, 0.25, 8)], participations=1)
     predicted = ledger.epsilon_after(1.0, 0.25, 8, 1e-3)
     assert predicted == pytest.approx(epsilon_of([(1.0, 0.25, 16)], 1e-3))
+
+
+# Published: TensorFlow Privacy's MNIST tutorial table (N=60000, batch 256,
+# delta=1e-5, RDP with orders 1.1..10.9 and 12..63, classic RDP->DP conversion).
+PUBLISHED_MNIST = [(1.12, 60, 2.92), (0.6, 30, 9.74), (1.2, 10, 1.20)]
+
+
+@pytest.mark.parametrize("sigma,epochs,published", PUBLISHED_MNIST)
+def test_rdp_reproduces_published_mnist_epsilons(sigma, epochs, published):
+    import math
+
+    import numpy as np
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    q, steps = 256 / 60000, math.ceil(epochs * 60000 / 256)
+    orders = [1 + x / 10 for x in range(1, 100)] + list(range(12, 64))
+    rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
+    classic = float(np.min(rdp + math.log(1 / 1e-5) / (np.array(orders) - 1)))
+    assert classic == pytest.approx(published, rel=0.005)
+    # What fedface reports uses the tighter conversion (Balle et al. 2020): never more.
+    ours = epsilon_of([(sigma, q, steps)], 1e-5, "rdp")
+    assert published * 0.75 < ours <= published

@@ -24,7 +24,7 @@ def test_flwr_run_completes_and_leaves_no_superlink(tiny_overrides, tmp_path):
     overrides += ["fleet.rounds=1", f"tracking.uri={uri}"]
     done = subprocess.run(
         [sys.executable, "-m", "experiments.flwr_local", *overrides],
-        cwd=REPO, env={**os.environ, "FLWR_HOME": str(home)},
+        check=False, cwd=REPO, env={**os.environ, "FLWR_HOME": str(home)},
         capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "stopped local SuperLink" in done.stdout

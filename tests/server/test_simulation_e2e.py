@@ -1,7 +1,9 @@
 """End to end: a real Flower simulation, real Opacus, a real MLflow store.
 
-Three devices, all sampled in both rounds, so every device trains twice and its
-reported epsilon must cover both participations.
+Three devices with both privacy units on. Poisson sampling at rate k/N = 1 makes
+every device train every round; the user-level budget admits two rounds of the
+three planned, so the server must stop cleanly after round 2, every device has
+trained twice, and its reported epsilon must cover both participations.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fl import protocol as P
 from fl.config import compose, fleet_spec, task_params
 from fl.data.fleet import device_photo_count
 from fl.privacy.ledger import epsilon_of
+from fl.privacy.plan import privacy_plan
 from fl.tasks import get_task
 from fl.tracking import keys as K
 from server.simulation import simulate
@@ -26,7 +29,9 @@ pytestmark = pytest.mark.slow
 DOCUMENTED_KEYS = [
     K.TRAIN_LOSS, K.SWAP_PSNR, K.SWAP_SSIM, K.SWAP_PSNR_BASELINE_CLIP,
     K.SWAP_PSNR_BASELINE_MEAN, K.RECON_PSNR, K.NEWUSER_SWAP_PSNR, K.PHOTO_EPS_MAX,
-    K.PHOTO_EPS_MEAN, K.PHOTO_DELTA, K.DEVICES_TRAINED, K.DEVICES_FAILED,
+    K.PHOTO_EPS_MEAN, K.PHOTO_EPS_P95, K.PHOTO_DELTA, K.DEVICES_TRAINED, K.DEVICES_FAILED,
+    K.USER_EPS, K.USER_DELTA, K.USER_NOISE_MULTIPLIER, K.UPDATE_CLIP_FRACTION,
+    K.DEVICES_BUDGET_EXHAUSTED,
 ]
 
 
@@ -45,11 +50,20 @@ class RecordingGrid:
         return getattr(self.grid, name)
 
 
+def _user_budget_admitting_two_rounds(overrides: list[str]) -> float:
+    mechanism = privacy_plan(compose(overrides)).user.mechanism
+    return (mechanism.epsilon(2) + mechanism.epsilon(3)) / 2
+
+
 @pytest.fixture(scope="module")
 def finished_run(tiny_overrides, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cfg = compose(tiny_overrides + [f"tracking.uri={uri}"])
+    overrides = [o for o in tiny_overrides if not o.startswith("fleet.rounds")]
+    overrides += ["fleet.rounds=3", "privacy=photo_user", "fleet.sampling=poisson",
+                  "privacy.photo.delta=1e-3", f"tracking.uri={uri}"]
+    budget = _user_budget_admitting_two_rounds(overrides)
+    cfg = compose(overrides + [f"privacy.user.budget_epsilon={budget}"])
     recorder = {}
 
     def wrap(grid):
@@ -84,6 +98,19 @@ def test_mlflow_holds_documented_keys_with_sane_values(finished_run):
     steps = [m.step for m in client.get_metric_history(summary.run_id, K.SWAP_PSNR)]
     assert steps == [0, 1, 2]
     assert run.data.params["fleet.num_devices"] == "3"
+    assert run.data.params["privacy.plan.user_sampling"] == "poisson"
+
+
+def test_server_stops_before_passing_the_user_budget(finished_run):
+    cfg, uri, summary, _ = finished_run
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(summary.run_id)
+    assert "past the budget" in run.data.tags["fedface.stopped"]
+    history = client.get_metric_history(summary.run_id, K.USER_EPS)
+    assert [m.step for m in history] == [1, 2]
+    mechanism = privacy_plan(cfg).user.mechanism
+    assert history[-1].value == pytest.approx(mechanism.epsilon(2), rel=1e-9)
+    assert history[-1].value <= cfg.privacy.user.budget_epsilon < mechanism.epsilon(3)
     artifacts = {a.path for a in client.list_artifacts(summary.run_id)}
     assert {"config", "model"} <= artifacts
 
@@ -91,7 +118,7 @@ def test_mlflow_holds_documented_keys_with_sane_values(finished_run):
 def test_device_epsilon_covers_both_participations(finished_run):
     cfg, uri, summary, _ = finished_run
     spec = fleet_spec(cfg)
-    recipe = cfg.privacy.photo
+    recipe = privacy_plan(cfg).photo
     expected = []
     for device in range(spec.num_devices):
         n = device_photo_count(spec, device)

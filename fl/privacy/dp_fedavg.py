@@ -1,0 +1,53 @@
+"""DP-FedAvg aggregation: clip each device's update, sum, add Gaussian noise.
+
+Why not Flower's ``DifferentialPrivacyServerSideFixedClipping``: it hands the
+clipped updates to the inner strategy's *weighted* average (by example count),
+and a weighted mean has no fixed per-user sensitivity. Here every device counts
+once: the released quantity is
+
+    global + (sum_i clip_C(update_i) + N(0, (sigma * C * scale)^2)) / denominator
+
+over exactly the coordinates devices are allowed to train (``keys``); any other
+value a device sends is ignored, so the guarantee holds whatever a device
+computes. ``scale`` is 1 except in a simulated cohort, where the noise is that of
+a larger cohort (``cohort / simulated cohort``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    state: dict[str, torch.Tensor]
+    clip_fraction: float  # share of updates whose norm exceeded the clip
+    update_norms: tuple[float, ...]
+
+
+def dp_fedavg(global_state: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
+              keys: list[str], clip: float, noise_multiplier: float, denominator: float,
+              generator: torch.Generator, noise_scale: float = 1.0) -> Aggregate:
+    if clip <= 0 or denominator <= 0:
+        raise ValueError("clip and denominator must be positive")
+    total = {k: torch.zeros_like(global_state[k], dtype=torch.float64) for k in keys}
+    norms, clipped = [], 0
+    for update in updates:
+        delta = {k: update[k].to(torch.float64) - global_state[k].to(torch.float64)
+                 for k in keys}
+        norm = torch.sqrt(sum((d * d).sum() for d in delta.values())).item()
+        norms.append(norm)
+        factor = min(1.0, clip / (norm + 1e-12))
+        clipped += factor < 1.0
+        for k in keys:
+            total[k] += delta[k] * factor
+    std = noise_multiplier * clip * noise_scale
+    state = dict(global_state)
+    for k in keys:
+        noise = torch.normal(0.0, std, size=total[k].shape, generator=generator,
+                             dtype=torch.float64) if std > 0 else 0.0
+        mean = (total[k] + noise) / denominator
+        state[k] = (global_state[k].to(torch.float64) + mean).to(global_state[k].dtype)
+    return Aggregate(state, clipped / len(updates) if updates else 0.0, tuple(norms))

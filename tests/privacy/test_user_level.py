@@ -1,0 +1,65 @@
+"""User-level (fleet) accounting and calibration against independent references."""
+
+import pytest
+
+from fl.privacy.ledger import epsilon_of
+from fl.privacy.user_level import UserMechanism, calibrate
+
+
+def _mech(**kw):
+    base = dict(noise_multiplier=1.0, clip=0.1, sampling="poisson", population=1000,
+                cohort=20, delta=1e-4, accountant="rdp")
+    return UserMechanism(**{**base, **kw})
+
+
+@pytest.mark.parametrize("accountant,opacus", [("rdp", "rdp"), ("pld", "prv")])
+def test_poisson_fleet_epsilon_matches_opacus(accountant, opacus):
+    """dp-accounting (ours) vs Opacus' independent implementations: same mechanism,
+    a Poisson-subsampled Gaussian per round."""
+    m = _mech(accountant=accountant)
+    ours = m.epsilon(50)
+    reference = epsilon_of([(1.0, m.sample_rate, 50)], 1e-4, opacus)
+    assert ours == pytest.approx(reference, rel=0.02)
+
+
+def test_fixed_size_sampling_uses_replace_one_and_costs_more_than_poisson():
+    poisson, fixed = _mech(), _mech(sampling="fixed")
+    assert fixed.relation == "replace one user" and poisson.relation == "add/remove one user"
+    # replacing a user moves the clipped sum by up to 2C, adding/removing by C
+    assert poisson.epsilon(30) < fixed.epsilon(30)
+
+
+def test_fixed_size_without_amplification_is_the_plain_gaussian():
+    """Sampling everyone (k = N) amplifies nothing: replace-one Gaussian with
+    sensitivity 2C, i.e. a Gaussian with noise multiplier sigma/2."""
+    import dp_accounting as dpa
+
+    m = _mech(sampling="fixed", population=10, cohort=10, noise_multiplier=2.0)
+    acc = dpa.rdp.RdpAccountant()
+    acc.compose(dpa.GaussianDpEvent(1.0), 5)
+    assert m.epsilon(5) == pytest.approx(acc.get_epsilon(1e-4), rel=1e-6)
+
+
+def test_pld_refuses_fixed_size_sampling():
+    with pytest.raises(ValueError, match="RDP only"):
+        _mech(sampling="fixed", accountant="pld")
+
+
+def test_epsilon_grows_with_rounds_and_is_zero_before_any():
+    m = _mech()
+    assert m.epsilon(0) == 0.0 < m.epsilon(1) < m.epsilon(10) < m.epsilon(100)
+
+
+def test_calibration_reaches_the_target_from_below():
+    def make(noise):
+        return _mech(noise_multiplier=noise)
+
+    sigma = calibrate(make, target_epsilon=3.0, rounds=100)
+    assert make(sigma).epsilon(100) <= 3.0
+    assert make(sigma * 0.99).epsilon(100) > 3.0 * 0.99
+
+
+def test_calibration_says_when_the_target_is_out_of_reach():
+    with pytest.raises(ValueError, match="out of reach"):
+        calibrate(lambda s: _mech(noise_multiplier=s, sampling="fixed", population=2,
+                                  cohort=2), target_epsilon=1e-4, rounds=1000, high=2.0)
