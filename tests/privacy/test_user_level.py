@@ -7,8 +7,8 @@ from fl.privacy.user_level import UserMechanism, calibrate
 
 
 def _mech(**kw):
-    base = dict(noise_multiplier=1.0, clip=0.1, sampling="poisson", population=1000,
-                cohort=20, delta=1e-4, accountant="rdp")
+    base = {"noise_multiplier": 1.0, "clip": 0.1, "sampling": "poisson", "population": 1000,
+                "cohort": 20, "delta": 1e-4, "accountant": "rdp"}
     return UserMechanism(**{**base, **kw})
 
 
