@@ -86,6 +86,8 @@ def train(msg: Message, context: Context) -> Message:
         P.TRAIN_LOSS: outcome.loss if trained else 0.0,
         P.PHOTO_EPS: ledger.epsilon(recipe.delta) if recipe.photo_dp else 0.0,
         P.PARTICIPATIONS: ledger.participations,
+        P.LEDGER_STEPS: ledger.steps,
+        P.SAMPLE_RATE: outcome.sample_rate,
     })
     content = RecordDict({P.METRICS: metrics})
     if trained:

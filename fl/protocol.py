@@ -26,6 +26,7 @@ WEIGHT_KEY = "num-examples"
 
 # Reply metric keys (device -> server): scalars only.
 TRAIN_LOSS, PHOTO_EPS, STEPS, PARTICIPATIONS = "train-loss", "photo-eps", "steps", "participations"
+LEDGER_STEPS, SAMPLE_RATE = "ledger-steps", "sample-rate"  # cumulative DP-SGD steps, last rate
 TRAINED, BUDGET_EXHAUSTED = "trained", "budget-exhausted"
 PERSONALISED = "personalised"
 DEVICE_INDEX = "device-index"  # roll-call reply: the device's pseudonymous index

@@ -88,6 +88,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
             log(f"stopped early: {result.stopped}")
             logger.set_tag("fedface.stopped", result.stopped)
         logger.log_shared_model(result.shared, checkpoint["personal_init"])
+        logger.log_privacy_review(plan, result.history, result.devices, result.stopped)
     except BaseException:
         logger.end("FAILED")  # everything logged so far stays in MLflow
         raise

@@ -61,10 +61,23 @@ class LoopSettings:
 
 
 @dataclass
+class DeviceRecord:
+    """What the server knows of one device's photo-level ledger (from its replies)."""
+
+    device: str  # pseudonym: "device-<index>", never a path or a person's name
+    participations: int = 0
+    steps: int = 0
+    sample_rate: float = 0.0
+    epsilon: float = 0.0
+    status: str = "never sampled"  # | trained | budget exhausted | failed
+
+
+@dataclass
 class LoopResult:
     shared: dict[str, torch.Tensor]
     history: dict[int, dict[str, float]] = field(default_factory=dict)
     photo_eps: dict[int, float] = field(default_factory=dict)  # per node, latest
+    devices: dict[int, DeviceRecord] = field(default_factory=dict)  # by node id
     user_rounds: int = 0  # aggregates released under user-level DP
     stopped: str = ""  # why the run ended early, if it did
 
@@ -80,8 +93,8 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float = 120.0) -> list[in
     return nodes
 
 
-def roll_call(grid: Grid, nodes: list[int], timeout: float) -> list[int]:
-    """Nodes ordered by the device index each reports.
+def roll_call(grid: Grid, nodes: list[int], timeout: float) -> dict[int, int]:
+    """Node id -> device index, in device-index order.
 
     Flower draws node ids at random per run; ordering by device index makes the
     seeded sampling and evaluation panel pick the same users in every run, so
@@ -97,7 +110,7 @@ def roll_call(grid: Grid, nodes: list[int], timeout: float) -> list[int]:
         index[reply.metadata.src_node_id] = int(reply.content[P.METRICS][P.DEVICE_INDEX])
     if len(index) != len(nodes):
         raise RuntimeError(f"{len(nodes) - len(index)} devices did not answer the roll call")
-    return sorted(nodes, key=lambda node: index[node])
+    return dict(sorted(index.items(), key=lambda item: item[1]))
 
 
 def _mean(values: list[float]) -> float:
@@ -141,11 +154,13 @@ class RoundLoop:
         return list(self.grid.send_and_receive(messages, timeout=self.s.round_timeout))
 
     def run(self, shared: dict[str, torch.Tensor]) -> LoopResult:
-        nodes = roll_call(self.grid, wait_for_nodes(self.grid, self.s.num_devices),
+        index = roll_call(self.grid, wait_for_nodes(self.grid, self.s.num_devices),
                           self.s.round_timeout)
+        nodes = list(index)
         panel = sorted(self._sample(nodes, self.s.eval_devices))
         exhausted: set[int] = set()
-        result = LoopResult(shared=dict(shared))
+        result = LoopResult(shared=dict(shared), devices={
+            node: DeviceRecord(f"device-{i:05d}") for node, i in index.items()})
 
         metrics = self._evaluate(0, result.shared, panel)
         metrics.update(self._newuser(result.shared))
@@ -233,14 +248,24 @@ class RoundLoop:
                        result: LoopResult, exhausted: set[int]) -> dict[str, float]:
         ok = [r for r in replies if not r.has_error()]
         trained = [r for r in ok if P.ARRAYS in r.content]
+        for reply in replies:
+            if reply.has_error() and reply.metadata.src_node_id in result.devices:
+                result.devices[reply.metadata.src_node_id].status = "failed"
         losses = []
         for reply in ok:
             node = reply.metadata.src_node_id
             m = reply.content[P.METRICS]
+            record = result.devices[node]
+            record.participations = int(m[P.PARTICIPATIONS])
+            record.steps = int(m[P.LEDGER_STEPS])
+            record.sample_rate = float(m[P.SAMPLE_RATE]) or record.sample_rate
+            record.epsilon = float(m[P.PHOTO_EPS])
+            record.status = "trained"
             if self.s.photo.enabled:
                 result.photo_eps[node] = float(m[P.PHOTO_EPS])
             if int(m[P.BUDGET_EXHAUSTED]):
                 exhausted.add(node)
+                record.status = "budget exhausted"
             if int(m[P.TRAINED]):
                 losses.append(float(m[P.TRAIN_LOSS]))
         metrics = {

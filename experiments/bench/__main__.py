@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from experiments.bench import fleet, local_step, renderer
+from experiments.bench import fleet, local_step, privacy_utility, renderer
 from experiments.bench.common import save, table
 
-BENCHES = {"renderer": renderer.run, "local_step": local_step.run, "fleet": fleet.run}
+BENCHES = {"renderer": renderer.run, "local_step": local_step.run, "fleet": fleet.run,
+           "privacy_utility": privacy_utility.run}
 
 
 def main(names: list[str]) -> None:

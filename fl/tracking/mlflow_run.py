@@ -17,6 +17,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fl.config import flatten
+from fl.privacy.plan import PrivacyPlan
+from fl.tracking.privacy_report import (
+    as_json,
+    epsilon_chart,
+    ledger_rows,
+    plt,
+    report,
+    to_markdown,
+)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -59,6 +68,20 @@ class RunLogger:
             torch.save({"format": 1, "shared": shared_state, "personal_init": personal_init},
                        path)
             mlflow.log_artifact(str(path), artifact_path="model")
+
+    def log_privacy_review(self, plan: PrivacyPlan, history: dict[int, dict[str, float]],
+                           devices: dict, stopped: str) -> None:
+        """Ledger table, privacy report (markdown + JSON) and epsilon chart."""
+        rows = ledger_rows(devices, plan)
+        if rows:
+            mlflow.log_table({k: [row[k] for row in rows] for k in rows[0]},
+                             artifact_file="privacy/ledger.json")
+        data = report(plan, history, stopped)
+        mlflow.log_text(to_markdown(data), "privacy/report.md")
+        mlflow.log_text(as_json(data), "privacy/report.json")
+        figure = epsilon_chart(history, plan)
+        mlflow.log_figure(figure, "privacy/epsilon.png")
+        plt.close(figure)
 
     def end(self, status: str = "FINISHED") -> None:
         mlflow.end_run(status=status)

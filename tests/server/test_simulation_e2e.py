@@ -112,7 +112,31 @@ def test_server_stops_before_passing_the_user_budget(finished_run):
     assert history[-1].value == pytest.approx(mechanism.epsilon(2), rel=1e-9)
     assert history[-1].value <= cfg.privacy.user.budget_epsilon < mechanism.epsilon(3)
     artifacts = {a.path for a in client.list_artifacts(summary.run_id)}
-    assert {"config", "model"} <= artifacts
+    assert {"config", "model", "privacy"} <= artifacts
+
+
+def test_privacy_review_artifacts(finished_run):
+    cfg, uri, summary, _ = finished_run
+    client = mlflow.MlflowClient(uri)
+    files = {a.path for a in client.list_artifacts(summary.run_id, "privacy")}
+    assert files == {"privacy/ledger.json", "privacy/report.md", "privacy/report.json",
+                     "privacy/epsilon.png"}
+    local = client.download_artifacts(summary.run_id, "privacy")
+    import json
+    from pathlib import Path
+
+    ledger = json.loads((Path(local) / "ledger.json").read_text())
+    rows = [dict(zip(ledger["columns"], row)) for row in ledger["data"]]
+    assert [r["device"] for r in rows] == ["device-00000", "device-00001", "device-00002"]
+    assert all(r["participations"] == 2 and r["status"] == "trained" for r in rows)
+    eps_max = client.get_run(summary.run_id).data.metrics[K.PHOTO_EPS_MAX]
+    assert max(r["epsilon"] for r in rows) == pytest.approx(eps_max)
+    data = json.loads((Path(local) / "report.json").read_text())
+    assert data["units"]["photo"].startswith("holds") and data["units"]["user"].startswith("holds")
+    assert data["user_level"]["neighbouring_relation"] == "add/remove one user"
+    assert "past the budget" in data["stopped_early"]
+    markdown = (Path(local) / "report.md").read_text()
+    assert "secure aggregation" in markdown and "not covered by DP" in markdown
 
 
 def test_device_epsilon_covers_both_participations(finished_run):
