@@ -95,14 +95,14 @@ def report(plan: PrivacyPlan, history: dict[int, dict[str, float]],
                 "final_epsilon": last.get(K.SIM_USER_EPS)}
         out["user_level"] = user
     out["trust_assumptions"] = [
-        "No secure aggregation: the server sees each device's individual update. That "
+        ("No secure aggregation: the server sees each device's individual update. That "
         "update is photo-level DP (when privacy.photo is on) but not user-level DP; "
-        "user-level DP protects only the released aggregate and model.",
-        "The server is trusted to add the user-level noise and to sample devices as "
+        "user-level DP protects only the released aggregate and model."),
+        ("The server is trusted to add the user-level noise and to sample devices as "
         "accounted; devices are trusted to run DP-SGD as instructed and to enforce their "
-        "own budget.",
-        "Noise comes from a seeded PRNG (reproducible simulation); a deployment should "
-        "use a cryptographically secure generator (Opacus secure_mode).",
+        "own budget."),
+        ("Noise comes from a seeded PRNG (reproducible simulation); a deployment should "
+        "use a cryptographically secure generator (Opacus secure_mode)."),
     ]
     out["released_without_dp"] = RELEASED_WITHOUT_DP
     return out

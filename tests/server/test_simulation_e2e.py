@@ -116,7 +116,7 @@ def test_server_stops_before_passing_the_user_budget(finished_run):
 
 
 def test_privacy_review_artifacts(finished_run):
-    cfg, uri, summary, _ = finished_run
+    _cfg, uri, summary, _ = finished_run
     client = mlflow.MlflowClient(uri)
     files = {a.path for a in client.list_artifacts(summary.run_id, "privacy")}
     assert files == {"privacy/ledger.json", "privacy/report.md", "privacy/report.json",
