@@ -24,7 +24,10 @@ def run(settings: tuple[str, ...] = SETTINGS, overrides: list[str] | None = None
         cfg = compose([f"privacy={privacy}", *(overrides or [])])
         cfg.model.init = init_checkpoint_path(cfg)
         history = simulate(cfg).history
-        last = lambda key: last_value(history, key)
+
+        def last(key: str, history=history) -> float:
+            return last_value(history, key)
+
         rows.append({
             "privacy": privacy,
             "swap_psnr": last(K.SWAP_PSNR),
