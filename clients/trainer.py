@@ -116,9 +116,9 @@ def train_on_device(task: Task, model: nn.Module, photos: torch.Tensor, recipe: 
         )
     sample_rate = 1.0 / len(loader)  # exactly the rate Opacus hands its accountant
     steps = max(1, round(recipe.local_epochs * len(loader)))
-    projected = ledger.epsilon_after(recipe.noise_multiplier, sample_rate, steps, recipe.delta)
     try:
-        if recipe.budget_epsilon > 0 and projected > recipe.budget_epsilon:
+        if not ledger.admits(recipe.noise_multiplier, sample_rate, steps, recipe.delta,
+                             recipe.budget_epsilon):
             return Outcome(BUDGET_EXHAUSTED, epsilon=ledger.epsilon(recipe.delta),
                            sample_rate=sample_rate)
         loss = _run_steps(task, dp_model, dp_optimizer, dp_loader, steps)

@@ -113,6 +113,26 @@ def roll_call(grid: Grid, nodes: list[int], timeout: float) -> dict[int, int]:
     return dict(sorted(index.items(), key=lambda item: item[1]))
 
 
+def user_epsilons(m: UserMechanism, devices_per_round: int, num_devices: int,
+                  released: int) -> dict[str, float]:
+    """User-level epsilon of ``released`` aggregates, as MLflow metrics.
+
+    A simulated cohort is reported under its own ``simulated_*`` keys and,
+    separately, the real run's guarantee: the real cohort of k devices got noise
+    std sigma*C*k/K, i.e. a noise multiplier of sigma*k/K over the real fleet.
+    """
+    if not m.simulated:
+        return {K.USER_EPS: m.epsilon(released), K.USER_DELTA: m.delta,
+                K.USER_NOISE_MULTIPLIER: m.noise_multiplier}
+    real = UserMechanism(m.noise_multiplier * devices_per_round / m.cohort, m.clip, m.sampling,
+                         num_devices, devices_per_round, default_delta(num_devices),
+                         m.accountant)
+    return {K.SIM_USER_EPS: m.epsilon(released), K.SIM_USER_DELTA: m.delta,
+            K.SIM_USER_NOISE_MULTIPLIER: m.noise_multiplier,
+            K.USER_EPS: real.epsilon(released), K.USER_DELTA: real.delta,
+            K.USER_NOISE_MULTIPLIER: real.noise_multiplier}
+
+
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
@@ -226,23 +246,8 @@ class RoundLoop:
         result.shared = aggregate.state
         result.user_rounds += 1
         metrics[K.UPDATE_CLIP_FRACTION] = aggregate.clip_fraction
-        metrics.update(self._user_epsilons(result.user_rounds))
-
-    def _user_epsilons(self, released: int) -> dict[str, float]:
-        """User-level epsilon of what was released. A simulated cohort reports the
-        simulated deployment under its own keys and, separately, the real run:
-        the real cohort got noise std sigma*C*k/K, i.e. noise multiplier sigma*k/K."""
-        m = self.s.user.mechanism
-        if not m.simulated:
-            return {K.USER_EPS: m.epsilon(released), K.USER_DELTA: m.delta,
-                    K.USER_NOISE_MULTIPLIER: m.noise_multiplier}
-        real = UserMechanism(m.noise_multiplier * self.s.devices_per_round / m.cohort, m.clip,
-                             m.sampling, self.s.num_devices, self.s.devices_per_round,
-                             default_delta(self.s.num_devices), m.accountant)
-        return {K.SIM_USER_EPS: m.epsilon(released), K.SIM_USER_DELTA: m.delta,
-                K.SIM_USER_NOISE_MULTIPLIER: m.noise_multiplier,
-                K.USER_EPS: real.epsilon(released), K.USER_DELTA: real.delta,
-                K.USER_NOISE_MULTIPLIER: real.noise_multiplier}
+        metrics.update(user_epsilons(user.mechanism, self.s.devices_per_round,
+                                     self.s.num_devices, result.user_rounds))
 
     def _collect_train(self, rnd: int, num_sampled: int, replies: list[Message],
                        result: LoopResult, exhausted: set[int]) -> dict[str, float]:

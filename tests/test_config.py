@@ -37,3 +37,39 @@ def test_delta_must_be_below_one_over_photos():
 
 def test_privacy_none_needs_no_noise():
     validate(compose(["privacy=none"]))
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["privacy.photo.noise_multiplier=null"], "privacy.photo.noise_multiplier"),
+    (["privacy.photo.target_epsilon=3"], "privacy.photo.noise_multiplier"),
+    (["privacy=photo_user", "privacy.user.delta=0.02"], "privacy.user.delta"),
+    (["privacy=photo_user", "privacy.user.clip=0"], "privacy.user.clip"),
+    (["privacy=photo_user", "fleet.sampling=fixed", "privacy.user.accountant=pld"],
+     "privacy.user.accountant"),
+    (["privacy=photo_user", "privacy.user.simulated_cohort_size=10"],
+     "privacy.user.simulated_cohort_size"),
+    (["fleet.sampling=bernoulli"], "fleet.sampling"),
+])
+def test_privacy_values_that_cannot_work_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose(overrides))
+
+
+def test_deltas_follow_the_data_and_targets_calibrate_noise():
+    from fl.privacy.plan import privacy_plan
+
+    plan = privacy_plan(compose(["privacy=photo_user", "data.photos_max=50",
+                                 "privacy.user.noise_multiplier=null",
+                                 "privacy.user.target_epsilon=4"]))
+    assert plan.photo.delta == 0.1 / 50 and plan.user.mechanism.delta == 0.1 / 100
+    assert plan.user.budget_epsilon == 4 and plan.user.target_epsilon == 4
+    assert plan.user.mechanism.epsilon(20) <= 4 < plan.user.mechanism.epsilon(21) * 1.5
+
+
+def test_photo_target_epsilon_is_also_the_device_budget():
+    from fl.privacy.plan import privacy_plan
+
+    plan = privacy_plan(compose(["privacy.photo.noise_multiplier=null",
+                                 "privacy.photo.target_epsilon=5"]))
+    assert plan.photo.budget_epsilon == 5 and plan.photo.target_epsilon == 5
+    assert plan.photo.noise_multiplier > 0

@@ -12,6 +12,7 @@ participations' events, exactly as one accountant fed all their steps would.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from opacus.accountants import create_accountant
 
@@ -36,8 +37,17 @@ def epsilon_of(events: list[Event], delta: float, accountant: str = "rdp") -> fl
         raise ValueError(f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}")
     if not events:
         return 0.0
+    return _epsilon(tuple((float(s), float(q), int(n)) for s, q, n in events), float(delta),
+                    accountant)
+
+
+@lru_cache(maxsize=4096)
+def _epsilon(events: tuple[Event, ...], delta: float, accountant: str) -> float:
+    """Memoised on the exact events: a device asks for the same value up to three
+    times per round (budget check, after training, in its reply), and each
+    accountant call costs ~0.1-0.5 s."""
     acc = create_accountant(accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in events]
+    acc.history = list(events)
     return float(acc.get_epsilon(delta=delta))
 
 
@@ -57,6 +67,12 @@ class PhotoLedger:
         """The epsilon this ledger *would* show after one more participation."""
         planned = _merge(self.events, (noise_multiplier, sample_rate, steps))
         return epsilon_of(planned, delta, self.accountant)
+
+    def admits(self, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+               budget: float) -> bool:
+        """Whether one more participation keeps the ledger within ``budget`` (0: none)."""
+        return budget <= 0 or self.epsilon_after(noise_multiplier, sample_rate, steps,
+                                                 delta) <= budget
 
     def record(self, history: list[Event]) -> None:
         """Replace the events with an accountant history that extends them.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 
 import dp_accounting as dpa
 
@@ -83,6 +84,9 @@ class UserMechanism:
 
     def epsilon(self, rounds: int) -> float:
         """Epsilon at ``delta`` after ``rounds`` released aggregates."""
+        return _user_epsilon(self, rounds)
+
+    def _compute_epsilon(self, rounds: int) -> float:
         if rounds <= 0:
             return 0.0
         if self.accountant == "pld":
@@ -103,6 +107,13 @@ class UserMechanism:
         sensitivity of the mean at C / k.
         """
         return float(self.cohort)
+
+
+@lru_cache(maxsize=1024)
+def _user_epsilon(mechanism: UserMechanism, rounds: int) -> float:
+    """Memoised: the server asks for epsilon(r) when checking the budget before
+    round r and again when logging it after."""
+    return mechanism._compute_epsilon(rounds)
 
 
 def calibrate(make: callable, target_epsilon: float, rounds: int, low: float = 0.05,

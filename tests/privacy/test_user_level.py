@@ -63,3 +63,17 @@ def test_calibration_says_when_the_target_is_out_of_reach():
     with pytest.raises(ValueError, match="out of reach"):
         calibrate(lambda s: _mech(noise_multiplier=s, sampling="fixed", population=2,
                                   cohort=2), target_epsilon=1e-4, rounds=1000, high=2.0)
+
+
+def test_simulated_cohort_is_reported_apart_from_the_real_guarantee():
+    from fl.tracking import keys as K
+    from server.loop import user_epsilons
+
+    simulated = _mech(population=1_000_000, cohort=1000, delta=1e-7, simulated=True)
+    out = user_epsilons(simulated, devices_per_round=10, num_devices=100, released=20)
+    assert out[K.SIM_USER_EPS] == simulated.epsilon(20)
+    # the real run: noise std sigma*C*10/1000 on 10 real devices -> multiplier 0.01
+    assert out[K.USER_NOISE_MULTIPLIER] == 1.0 * 10 / 1000
+    assert out[K.USER_EPS] > 100 * out[K.SIM_USER_EPS]
+    real_only = user_epsilons(_mech(), 10, 100, 20)
+    assert K.SIM_USER_EPS not in real_only
