@@ -39,6 +39,7 @@ from fl.protocol import Recipe
 from fl.tasks.base import Task
 
 TRAINED, BUDGET_EXHAUSTED, NO_PHOTOS = "trained", "budget_exhausted", "no_photos"
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def train_on_device(task: Task, model: nn.Module, photos: torch.Tensor, recipe: 
     groups = [{"params": personal, "lr": personal_lr(recipe, ledger.participations)}]
     if shared:
         groups.append({"params": shared, "lr": recipe.lr_shared})
-    optimizer = torch.optim.SGD(groups)
+    optimizer = OPTIMIZERS[recipe.optimizer](groups)
     loader = DataLoader(TensorDataset(photos), batch_size=recipe.batch_size, shuffle=True,
                         generator=generator)
     model.train()

@@ -53,6 +53,8 @@ def validate(cfg: DictConfig) -> None:
     _require(f.rounds >= 1, "fleet.rounds", f.rounds, "at least 1")
     _require(loc.epochs > 0, "local.epochs", loc.epochs, "positive")
     _require(loc.batch_size >= 1, "local.batch_size", loc.batch_size, "at least 1")
+    _require(loc.optimizer in ("sgd", "adam"), "local.optimizer", loc.optimizer,
+             "sgd or adam")
     _require(loc.lr_shared >= 0, "local.lr_shared", loc.lr_shared, "non-negative")
     _require(loc.lr_personal >= 0, "local.lr_personal", loc.lr_personal, "non-negative")
     _require(f.sampling in SAMPLING, "fleet.sampling", f.sampling, f"one of {list(SAMPLING)}")
@@ -122,7 +124,7 @@ def recipe(cfg: DictConfig, photo: PhotoPlan) -> Recipe:
     loc = cfg.local
     return Recipe(local_epochs=float(loc.epochs), batch_size=int(loc.batch_size),
                   lr_shared=float(loc.lr_shared), lr_personal=float(loc.lr_personal),
-                  personal_lr_decay=bool(loc.personal_lr_decay),
+                  personal_lr_decay=bool(loc.personal_lr_decay), optimizer=str(loc.optimizer),
                   photo_dp=photo.enabled, noise_multiplier=photo.noise_multiplier,
                   max_grad_norm=photo.max_grad_norm, delta=photo.delta,
                   accountant=photo.accountant, budget_epsilon=photo.budget_epsilon,

@@ -41,6 +41,7 @@ class Recipe:
     lr_shared: float = 0.05
     lr_personal: float = 10.0
     personal_lr_decay: bool = True  # divide lr_personal by the participation number
+    optimizer: str = "sgd"  # "sgd" | "adam" (see docs/privacy.md before choosing adam)
     photo_dp: bool = True
     noise_multiplier: float = 1.0
     max_grad_norm: float = 0.05
@@ -58,6 +59,11 @@ def round_config(recipe: Recipe, task: dict[str, Any], fleet: FleetSpec) -> Conf
 
 
 def parse_round_config(config: ConfigRecord) -> tuple[Recipe, dict[str, Any], FleetSpec]:
+    missing = [f.name for f in fields(Recipe) if f"recipe.{f.name}" not in config]
+    if missing or "task" not in config or "fleet" not in config:
+        raise ValueError(
+            f"round instructions lack {missing or ['task/fleet']}: the server and this device "
+            "run different fedface versions; install the same version on both")
     # Coerce to each field's default's type: records hold bools and ints loosely.
     values = {f.name: type(f.default)(config[f"recipe.{f.name}"]) for f in fields(Recipe)}
     task = json.loads(str(config["task"]))

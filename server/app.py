@@ -77,7 +77,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
 
     def on_round(rnd: int, metrics: dict[str, float]) -> None:
         logger.log_metrics(metrics, step=rnd)
-        log(format_round(rnd, f.rounds, f.devices_per_round, metrics))
+        log(format_round(rnd, f.rounds, metrics))
 
     loop = RoundLoop(grid, build_strategy(cfg), task, spec, settings,
                      P.round_config(recipe, C.task_params(cfg), spec),

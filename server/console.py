@@ -13,12 +13,13 @@ def _db(metrics: dict[str, float], key: str) -> str:
     return "  -  " if math.isnan(value) else f"{value:5.2f}"
 
 
-def format_round(rnd: int, rounds: int, per_round: int, m: dict[str, float]) -> str:
+def format_round(rnd: int, rounds: int, m: dict[str, float]) -> str:
     head = f"round {rnd:>3}/{rounds}"
     if rnd == 0:
         head += "  (pretrained, before fine-tuning)"
     else:
-        head += (f"  trained {int(m.get(K.DEVICES_TRAINED, 0))}/{per_round}"
+        head += (f"  trained {int(m.get(K.DEVICES_TRAINED, 0))}/"
+                 f"{int(m.get(K.DEVICES_SAMPLED, 0))}"
                  f"  loss {m.get(K.TRAIN_LOSS, float('nan')):.4f}")
     parts = [head,
              (f"swap {_db(m, K.SWAP_PSNR)} dB [clip {_db(m, K.SWAP_PSNR_BASELINE_CLIP)}"

@@ -275,6 +275,7 @@ class RoundLoop:
                 losses.append(float(m[P.TRAIN_LOSS]))
         metrics = {
             K.TRAIN_LOSS: _mean(losses),
+            K.DEVICES_SAMPLED: float(num_sampled),
             K.DEVICES_TRAINED: float(len(trained)),
             # Errors and devices that never answered (timeouts) alike.
             K.DEVICES_FAILED: float(num_sampled - len(ok)),

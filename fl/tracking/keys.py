@@ -23,6 +23,7 @@ SIM_USER_EPS = "privacy/simulated_user_eps"
 SIM_USER_DELTA = "privacy/simulated_user_delta"
 SIM_USER_NOISE_MULTIPLIER = "privacy/simulated_user_noise_multiplier"
 
+DEVICES_SAMPLED = "fleet/devices_sampled"
 DEVICES_TRAINED = "fleet/devices_trained"
 DEVICES_FAILED = "fleet/devices_failed"
 DEVICES_BUDGET_EXHAUSTED = "fleet/devices_budget_exhausted"
