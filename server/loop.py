@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -29,6 +29,7 @@ from fl.privacy.user_level import UserMechanism
 from fl.tasks.base import Task
 from fl.tracking import keys as K
 from server.newuser import newuser_swap_psnr
+from server.roll_call import roll_call, wait_for_nodes
 
 
 class SampledGrid:
@@ -80,37 +81,6 @@ class LoopResult:
     devices: dict[int, DeviceRecord] = field(default_factory=dict)  # by node id
     user_rounds: int = 0  # aggregates released under user-level DP
     stopped: str = ""  # why the run ended early, if it did
-
-
-def wait_for_nodes(grid: Grid, expected: int, timeout: float = 120.0) -> list[int]:
-    start = time.time()
-    while len(nodes := sorted(grid.get_node_ids())) < expected:
-        if time.time() - start > timeout:
-            raise RuntimeError(
-                f"only {len(nodes)} of fleet.num_devices={expected} devices connected after "
-                f"{timeout:.0f}s; start more SuperNodes or lower fleet.num_devices")
-        time.sleep(0.2)
-    return nodes
-
-
-def roll_call(grid: Grid, nodes: list[int], timeout: float) -> dict[int, int]:
-    """Node id -> device index, in device-index order.
-
-    Flower draws node ids at random per run; ordering by device index makes the
-    seeded sampling and evaluation panel pick the same users in every run, so
-    runs with different settings are compared on the same people.
-    """
-    messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
-                for n in nodes]
-    index = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            raise RuntimeError(f"device {reply.metadata.src_node_id} did not answer the roll "
-                               f"call: {reply.error.reason}")
-        index[reply.metadata.src_node_id] = int(reply.content[P.METRICS][P.DEVICE_INDEX])
-    if len(index) != len(nodes):
-        raise RuntimeError(f"{len(nodes) - len(index)} devices did not answer the roll call")
-    return dict(sorted(index.items(), key=lambda item: item[1]))
 
 
 def user_epsilons(m: UserMechanism, devices_per_round: int, num_devices: int,

@@ -131,6 +131,7 @@ def to_markdown(data: dict[str, Any]) -> str:
 def epsilon_chart(history: dict[int, dict[str, float]], plan: PrivacyPlan):
     """Epsilon against round for both units, budgets drawn as dashed lines."""
     fig, ax = plt.subplots(figsize=(7, 4))
+    plotted: list[float] = []
     series = [(K.PHOTO_EPS_MAX, "photo-level (max over devices)", plan.photo.budget_epsilon),
               (K.PHOTO_EPS_MEAN, "photo-level (mean)", 0.0),
               (K.USER_EPS, "user-level", plan.user.budget_epsilon),
@@ -141,9 +142,12 @@ def epsilon_chart(history: dict[int, dict[str, float]], plan: PrivacyPlan):
             continue
         line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker=".",
                         label=label)
+        plotted += [p[1] for p in points if p[1] > 0]
         if budget:
             ax.axhline(budget, linestyle="--", color=line.get_color(),
                        label=f"{label.split(' (')[0]} budget {budget:g}")
+    if plotted and max(plotted) > 100 * min(plotted):
+        ax.set_yscale("log")  # e.g. a simulated cohort beside the real run's epsilon
     ax.set_xlabel("round")
     ax.set_ylabel("epsilon")
     ax.set_title("Privacy spent per round")
