@@ -65,8 +65,19 @@ def pretrain(task: Task, spec: FleetSpec, steps: int, batch_size: int, lr: float
             progress(step, loss.item())
     mean_identity = identities.weight.detach().mean(dim=0, keepdim=True)
     personal_init = {k: mean_identity.clone() for k in task.personal_state(model)}
-    return {"format": CHECKPOINT_FORMAT, "shared": task.shared_state(model),
-            "personal_init": personal_init}
+    return {"shared": task.shared_state(model), "personal_init": personal_init}
+
+
+def save_checkpoint(path: str | Path, shared: dict[str, torch.Tensor],
+                    personal_init: dict[str, torch.Tensor]) -> Path:
+    """Write a checkpoint atomically: an interrupted run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, "shared": shared, "personal_init": personal_init},
+               tmp)
+    tmp.replace(path)
+    return path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -103,8 +114,4 @@ def cached_pretrain(task: Task, spec: FleetSpec, steps: int,
                 f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left")
 
     checkpoint = pretrain(task, spec, steps, batch_size, lr, seed, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(path)  # atomic: an interrupted run never leaves a half checkpoint
-    return path
+    return save_checkpoint(path, checkpoint["shared"], checkpoint["personal_init"])

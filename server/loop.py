@@ -69,7 +69,7 @@ class DeviceRecord:
     participations: int = 0
     steps: int = 0
     sample_rate: float = 0.0
-    epsilon: float = 0.0
+    epsilon: float | None = None  # photo-level, as last reported; None: never reported
     status: str = "never sampled"  # | trained | budget exhausted | failed
 
 
@@ -77,7 +77,6 @@ class DeviceRecord:
 class LoopResult:
     shared: dict[str, torch.Tensor]
     history: dict[int, dict[str, float]] = field(default_factory=dict)
-    photo_eps: dict[int, float] = field(default_factory=dict)  # per node, latest
     devices: dict[int, DeviceRecord] = field(default_factory=dict)  # by node id
     user_rounds: int = 0  # aggregates released under user-level DP
     stopped: str = ""  # why the run ended early, if it did
@@ -236,8 +235,6 @@ class RoundLoop:
             record.sample_rate = float(m[P.SAMPLE_RATE]) or record.sample_rate
             record.epsilon = float(m[P.PHOTO_EPS])
             record.status = "trained"
-            if self.s.photo.enabled:
-                result.photo_eps[node] = float(m[P.PHOTO_EPS])
             if int(m[P.BUDGET_EXHAUSTED]):
                 exhausted.add(node)
                 record.status = "budget exhausted"
@@ -252,7 +249,8 @@ class RoundLoop:
             K.DEVICES_BUDGET_EXHAUSTED: float(len(exhausted)),
         }
         if self.s.photo.enabled:
-            eps = list(result.photo_eps.values()) or [0.0]
+            eps = [r.epsilon for r in result.devices.values()
+                   if r.epsilon is not None] or [0.0]
             metrics[K.PHOTO_EPS_MAX] = float(np.max(eps))
             metrics[K.PHOTO_EPS_MEAN] = float(np.mean(eps))
             metrics[K.PHOTO_EPS_P95] = float(np.percentile(eps, 95))

@@ -73,3 +73,20 @@ def test_photo_target_epsilon_is_also_the_device_budget():
                                  "privacy.photo.target_epsilon=5"]))
     assert plan.photo.budget_epsilon == 5 and plan.photo.target_epsilon == 5
     assert plan.photo.noise_multiplier > 0
+
+
+def test_calibrated_photo_noise_reaches_the_target_by_an_independent_accountant():
+    """The calibration (Opacus) checked with dp-accounting for the schedule it plans:
+    the fewest photos (20, batch 8 -> q = 1/3, 6 steps a round) over ceil(20*10/100)
+    = 2 participations."""
+    import dp_accounting as dpa
+
+    from fl.privacy.plan import privacy_plan
+
+    plan = privacy_plan(compose(["privacy.photo.noise_multiplier=null",
+                                 "privacy.photo.target_epsilon=5"]))
+    reference = dpa.rdp.RdpAccountant()
+    reference.compose(dpa.SelfComposedDpEvent(
+        dpa.PoissonSampledDpEvent(1 / 3, dpa.GaussianDpEvent(plan.photo.noise_multiplier)),
+        12))
+    assert 0.95 * 5 <= reference.get_epsilon(plan.photo.delta) <= 5 * 1.02

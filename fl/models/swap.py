@@ -124,10 +124,3 @@ class SwapModel(nn.Module):
         """Draw this device's user with each frame's pose, expression, light, scene."""
         identity = self.personal(frames.shape[0], frames.device)
         return self.decoder(self.encoder(frames), identity)
-
-
-def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(shared, personal) parts of a state dict; personal keys never leave a device."""
-    shared = {k: v for k, v in state.items() if not k.startswith(PERSONAL_PREFIX)}
-    personal = {k: v for k, v in state.items() if k.startswith(PERSONAL_PREFIX)}
-    return shared, personal

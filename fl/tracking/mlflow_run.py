@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fl.config import flatten
+from fl.pretrain import save_checkpoint
 from fl.privacy.plan import PrivacyPlan
 from fl.tracking.privacy_report import (
     as_json,
@@ -41,7 +42,6 @@ class RunLogger:
         self.uri = tracking_uri(cfg)
         mlflow.set_tracking_uri(self.uri)
         # MLflow's sqlite store trips a SQLAlchemy deprecation that is MLflow's to fix.
-        warnings.filterwarnings("ignore", message=".*noload.*", module="mlflow")
         warnings.filterwarnings("ignore", message=".*noload.*")
         mlflow.set_experiment(cfg.tracking.experiment_name)
         self.run = mlflow.start_run(run_name=cfg.tracking.run_name)
@@ -64,9 +64,7 @@ class RunLogger:
                          personal_init: dict[str, torch.Tensor]) -> None:
         """The final shared weights (and the public personal init) as an artifact."""
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "shared.pt"
-            torch.save({"format": 1, "shared": shared_state, "personal_init": personal_init},
-                       path)
+            path = save_checkpoint(Path(tmp) / "shared.pt", shared_state, personal_init)
             mlflow.log_artifact(str(path), artifact_path="model")
 
     def log_privacy_review(self, plan: PrivacyPlan, history: dict[int, dict[str, float]],

@@ -1,7 +1,7 @@
 import torch
 from opacus.validators import ModuleValidator
 
-from fl.models.swap import PERSONAL_PREFIX, SwapModel, split_state
+from fl.models.swap import PERSONAL_PREFIX, SwapModel
 from fl.tasks import get_task
 
 
@@ -16,8 +16,9 @@ def test_swap_output_shape_and_range():
 
 
 def test_personal_part_is_small_and_separate():
-    model = SwapModel(32, width=8)
-    shared, personal = split_state(model.state_dict())
+    task = get_task({"name": "swap", "width": 8})
+    model = task.build_model(32)
+    shared, personal = task.shared_state(model), task.personal_state(model)
     assert set(personal) == {f"{PERSONAL_PREFIX}embedding.weight"}
     assert not any(k.startswith(PERSONAL_PREFIX) for k in shared)
     n_personal = sum(v.numel() for v in personal.values())
