@@ -1,8 +1,9 @@
 """The fedface ClientApp: one device, its consented photos, its private state.
 
-Each round a sampled device restores its personal part and photo-level ledger
-from ``context.state``, fine-tunes under DP-SGD, saves them back, and replies
-with the device-trained *shared* weights and scalar metrics only.
+Each round a sampled device opens its photos through consent
+(``clients.device``), restores its personal part and photo-level ledger from
+``context.state``, fine-tunes under DP-SGD, saves them back, and replies with
+the device-trained *shared* weights and scalar metrics only.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import dataclasses
 import json
 from functools import lru_cache
 
-import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.device import DeviceView, device_index, open_device
 from clients.device_state import (
     has_personal_state,
     load_ledger,
@@ -25,7 +26,6 @@ from clients.device_state import (
 from clients.trainer import BUDGET_EXHAUSTED as STATUS_EXHAUSTED
 from clients.trainer import TRAINED, train_on_device
 from fl import protocol as P
-from fl.data.fleet import DevicePhotos, device_photos
 from fl.tasks import Task, get_task
 
 app = ClientApp()
@@ -37,25 +37,23 @@ def _task(params_json: str) -> Task:
     return get_task(json.loads(params_json))
 
 
-def device_index(context: Context) -> int:
-    """Which device this node is. In simulation Flower assigns ``partition-id``."""
-    if "partition-id" not in context.node_config:
-        raise ValueError(
-            "this SuperNode has no 'partition-id' in its node config; start it with "
-            "--node-config 'partition-id=<device index>'"
-        )
-    return int(context.node_config["partition-id"])
-
-
 def _prepare(msg: Message, context: Context):
     recipe, task_params, fleet = P.parse_round_config(msg.content[P.CONFIG])
     task = _task(json.dumps(task_params, sort_keys=True))
-    device = device_index(context)
-    photos: DevicePhotos = device_photos(fleet, device)
-    model = task.build_model(fleet.image_size)
-    model.load_state_dict(msg.content[P.ARRAYS].to_torch_state_dict(), strict=False)
-    load_personal(context, model, task, msg.content[P.PERSONAL_INIT].to_torch_state_dict())
-    return recipe, task, fleet, device, photos, model
+    view = open_device(context, fleet, recipe, task)
+    model = None
+    if view.data is not None:
+        model = task.build_model(fleet.image_size)
+        model.load_state_dict(msg.content[P.ARRAYS].to_torch_state_dict(), strict=False)
+        load_personal(context, model, task, msg.content[P.PERSONAL_INIT].to_torch_state_dict())
+    return recipe, task, fleet, view, model
+
+
+def _reply(msg: Message, metrics: dict, view: DeviceView) -> RecordDict:
+    content = RecordDict({P.METRICS: MetricRecord(metrics | view.report)})
+    if view.reason:
+        content[P.STATUS] = ConfigRecord({P.REASON: view.reason})
+    return content
 
 
 def _check_photo_delta(delta: float, num_photos: int) -> None:
@@ -69,27 +67,33 @@ def _check_photo_delta(delta: float, num_photos: int) -> None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    recipe, task, _fleet, device, photos, model = _prepare(msg, context)
+    recipe, task, _fleet, view, model = _prepare(msg, context)
     server_round = int(msg.content[P.CONFIG]["server-round"])
+    device = device_index(context)
     recipe = dataclasses.replace(recipe, seed=hash((recipe.seed, server_round, device)) % 2**31)
     ledger = load_ledger(context, recipe.accountant)
-    if recipe.photo_dp:
-        _check_photo_delta(recipe.delta, len(photos.train))
-
-    outcome = train_on_device(task, model, torch.from_numpy(photos.train), recipe, ledger)
-    trained = outcome.status == TRAINED
-    metrics = MetricRecord({
-        P.WEIGHT_KEY: len(photos.train),
+    trained, exhausted, steps, loss, rate, used = False, False, 0, 0.0, 0.0, 0
+    if view.can_train:
+        tensors = task.training_tensors(view.data)
+        if recipe.photo_dp:
+            _check_photo_delta(recipe.delta, len(tensors[0]))
+        outcome = train_on_device(task, model, tensors, recipe, ledger)
+        trained, exhausted = outcome.status == TRAINED, outcome.status == STATUS_EXHAUSTED
+        steps, rate = outcome.steps, outcome.sample_rate
+        loss, used = (outcome.loss, len(tensors[0])) if trained else (0.0, 0)
+    metrics = {
+        P.WEIGHT_KEY: used,
         P.TRAINED: int(trained),
-        P.BUDGET_EXHAUSTED: int(outcome.status == STATUS_EXHAUSTED),
-        P.STEPS: outcome.steps,
-        P.TRAIN_LOSS: outcome.loss if trained else 0.0,
+        P.BUDGET_EXHAUSTED: int(exhausted),
+        P.STEPS: steps,
+        P.TRAIN_LOSS: loss,
         P.PHOTO_EPS: ledger.epsilon(recipe.delta) if recipe.photo_dp else 0.0,
         P.PARTICIPATIONS: ledger.participations,
         P.LEDGER_STEPS: ledger.steps,
-        P.SAMPLE_RATE: outcome.sample_rate,
-    })
-    content = RecordDict({P.METRICS: metrics})
+        P.SAMPLE_RATE: rate,
+        P.PHOTOS_USED: used,
+    }
+    content = _reply(msg, metrics, view)
     if trained:
         save_personal(context, model, task)
         save_ledger(context, ledger)
@@ -107,8 +111,9 @@ def roll_call(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    _, task, fleet, _, photos, model = _prepare(msg, context)
-    metrics = task.evaluate_device(model, photos, fleet)
-    metrics[P.WEIGHT_KEY] = len(photos.heldout)
-    metrics[P.PERSONALISED] = int(has_personal_state(context))
-    return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    _, task, fleet, view, model = _prepare(msg, context)
+    metrics = {P.WEIGHT_KEY: 0, P.PERSONALISED: int(has_personal_state(context))}
+    if view.can_evaluate:
+        metrics |= task.evaluate_device(model, view.data, fleet)
+        metrics[P.WEIGHT_KEY] = len(view.data.heldout)
+    return Message(content=_reply(msg, metrics, view), reply_to=msg)

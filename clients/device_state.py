@@ -32,6 +32,12 @@ def load_personal(context: Context, model: nn.Module, task: Task,
     model.load_state_dict(personal, strict=False)
 
 
+def erase_personal(context: Context) -> None:
+    """Remove the personal weights from the device's stored state."""
+    if PERSONAL_KEY in context.state:
+        del context.state[PERSONAL_KEY]
+
+
 def save_personal(context: Context, model: nn.Module, task: Task) -> None:
     context.state[PERSONAL_KEY] = ArrayRecord(
         {k: v.detach().clone() for k, v in task.personal_state(model).items()})

@@ -77,15 +77,16 @@ def set_trainable(task: Task, model: nn.Module) -> tuple[list, list]:
     return personal, shared
 
 
-def train_on_device(task: Task, model: nn.Module, photos: torch.Tensor, recipe: Recipe,
-                    ledger: PhotoLedger) -> Outcome:
-    """Fine-tune ``model`` in place on ``photos``; record DP steps in ``ledger``.
+def train_on_device(task: Task, model: nn.Module, tensors: tuple[torch.Tensor, ...],
+                    recipe: Recipe, ledger: PhotoLedger) -> Outcome:
+    """Fine-tune ``model`` in place on ``tensors`` (``task.training_tensors``: one
+    row per photo); record DP steps in ``ledger``.
 
     Under photo-level DP the device first computes the epsilon it *would* reach
     after this round; if that passes its budget it does not train at all, so a
     device never exceeds its budget however often it is sampled.
     """
-    if len(photos) == 0:
+    if len(tensors[0]) == 0:
         return Outcome(NO_PHOTOS, epsilon=ledger.epsilon(recipe.delta))
     generator = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)
@@ -94,7 +95,7 @@ def train_on_device(task: Task, model: nn.Module, photos: torch.Tensor, recipe: 
     if shared:
         groups.append({"params": shared, "lr": recipe.lr_shared})
     optimizer = OPTIMIZERS[recipe.optimizer](groups)
-    loader = DataLoader(TensorDataset(photos), batch_size=recipe.batch_size, shuffle=True,
+    loader = DataLoader(TensorDataset(*tensors), batch_size=recipe.batch_size, shuffle=True,
                         generator=generator)
     model.train()
 
@@ -137,12 +138,12 @@ def _run_steps(task: Task, model: nn.Module, optimizer, loader, steps: int) -> f
     # Opacus' full backward hooks fire on outputs only; that is what we want.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     while done < steps:
-        for (batch,) in loader:
+        for batch in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = task.device_loss(model, batch)
+            loss = task.device_loss(model, *batch)
             loss.backward()
             optimizer.step()  # empty Poisson batches still take a noised, accounted step
-            if len(batch):
+            if len(batch[0]):
                 losses.append(loss.item())
             done += 1
             if done == steps:

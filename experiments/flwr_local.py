@@ -67,7 +67,7 @@ def stop_superlink(home: Path, grace: float = 10.0) -> list[int]:
 
 
 def main(overrides: list[str]) -> int:
-    from server.app import init_checkpoint_path
+    from fl.tracking.model_init import resolve_init
 
     cfg = compose(overrides)
     validate(cfg)
@@ -75,7 +75,7 @@ def main(overrides: list[str]) -> int:
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{(Path.cwd() / uri.removeprefix('sqlite:///')).resolve()}"
-    pinned = {"model.init": str(Path(init_checkpoint_path(cfg)).resolve()), "tracking.uri": uri}
+    pinned = {"model.init": str(Path(resolve_init(cfg)).resolve()), "tracking.uri": uri}
     run_overrides = [o for o in overrides if o.split("=", 1)[0] not in pinned]
     run_overrides += [f"{key}={value}" for key, value in pinned.items()]
     write_connection(home, cfg.fleet.num_devices, cfg.fleet.cpus_per_device)

@@ -18,9 +18,9 @@ from fl.config import CONFIG_DIR, validate
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     validate(cfg)
-    from server.app import init_checkpoint_path
+    from fl.tracking.model_init import resolve_init
 
-    print(init_checkpoint_path(cfg), flush=True)
+    print(resolve_init(cfg), flush=True)
 
 
 if __name__ == "__main__":

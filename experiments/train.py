@@ -14,7 +14,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fl.config import CONFIG_DIR, ConfigError, validate
+from fl.config import CONFIG_DIR, ConfigError, objective_key, validate
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
@@ -25,13 +25,13 @@ def main(cfg: DictConfig) -> float:
         print(f"fedface: invalid configuration: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     # Pretrain (or reuse the cache) before Ray starts, so it has the cores to itself.
-    from server.app import init_checkpoint_path
+    from fl.tracking.model_init import resolve_init
     from server.simulation import simulate
 
     OmegaConf.set_struct(cfg, False)
-    cfg.model.init = init_checkpoint_path(cfg)
+    cfg.model.init = resolve_init(cfg)
     summary = simulate(cfg)
-    return summary.final(cfg.objective.metric)
+    return summary.final(objective_key(cfg))
 
 
 if __name__ == "__main__":

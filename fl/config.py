@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fl.data.consent import DEFAULTS
+from fl.data.device_data import available_devices, source_names
 from fl.data.fleet import FleetSpec
 from fl.data.synthfaces import MAX_SIZE, MIN_SIZE
 from fl.privacy.ledger import ACCOUNTANTS
@@ -32,12 +34,19 @@ def _require(ok: bool, key: str, value: Any, expected: str) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ``ConfigError`` for the first value that cannot work."""
+    """Raise ``ConfigError`` for the first value that cannot work.
+
+    An on-disk dataset is scanned once the source checks pass, and
+    ``fleet.num_devices`` is set to the fleet it can form (``resolve_fleet``),
+    so the checks below judge the fleet that will actually run.
+    """
     from fl.tasks import task_names
 
-    d, f, p, loc = cfg.data, cfg.fleet, cfg.privacy.photo, cfg.local
     _require(cfg.task.name in task_names(), "task.name", cfg.task.name,
              f"one of {task_names()}")
+    _validate_source(cfg)
+    resolve_fleet(cfg)
+    d, f, p, loc = cfg.data, cfg.fleet, cfg.privacy.photo, cfg.local
     _require(MIN_SIZE <= d.image_size <= MAX_SIZE and d.image_size % 16 == 0,
              "data.image_size", d.image_size,
              f"a multiple of 16 between {MIN_SIZE} and {MAX_SIZE}")
@@ -89,6 +98,44 @@ def validate(cfg: DictConfig) -> None:
                  "non-negative (0 means no budget)")
 
 
+def _validate_source(cfg: DictConfig) -> None:
+    """Data source, dataset root, consent default and labels fit together."""
+    d = cfg.data
+    _require(d.source in source_names(), "data.source", d.source, f"one of {source_names()}")
+    _require(cfg.devices.consent_default in (*DEFAULTS, "auto"), "devices.consent_default",
+             cfg.devices.consent_default, f"one of {[*DEFAULTS, 'auto']}")
+    if d.source == "synthfaces":
+        return
+    _require(bool(d.root) and Path(str(d.root)).is_dir(), "data.root", d.root,
+             f"the directory holding the {d.source} dataset")
+    _require(cfg.devices.consent_default in DEFAULTS, "devices.consent_default",
+             cfg.devices.consent_default,
+             f"grant or deny: data={d.source} reads real people's photos, so say whether "
+             "photos of devices without a consent.json may be used (grant: you hold consent "
+             "for the whole dataset; deny: only photos listed in each device's manifest)")
+    if d.source == "folders" and cfg.task.name == "portrait":
+        _require(bool(d.get("controls_csv")), "data.controls_csv", d.get("controls_csv"),
+                 "a CSV of portrait controls (header file,yaw,pitch,smile[,light_x,light_y], "
+                 "file relative to data.root): the portrait task learns to draw a face under "
+                 "controls and per-identity folders carry none")
+    _require(0 < float(d.get("crop", 1.0)) <= 1, "data.crop", d.get("crop"), "in (0, 1]")
+
+
+def resolve_fleet(cfg: DictConfig) -> int:
+    """Size the fleet by the data: an on-disk dataset has as many devices as
+    identities with enough photos, and ``fleet.num_devices`` caps that number.
+    Sets ``fleet.num_devices`` to the size used and returns it."""
+    if cfg.data.source != "synthfaces":
+        available = available_devices(fleet_spec(cfg, num_devices=10**9))
+        if available == 0:
+            raise ConfigError(
+                f"data.root={cfg.data.root!r} has no identity with at least data.photos_min + "
+                f"data.heldout_photos = {cfg.data.photos_min + cfg.data.heldout_photos} photos; "
+                "lower those or add photos")
+        cfg.fleet.num_devices = min(int(cfg.fleet.num_devices), available)
+    return int(cfg.fleet.num_devices)
+
+
 def _validate_noise(prefix: str, section: DictConfig) -> None:
     noise, target = section.noise_multiplier, section.target_epsilon
     _require((noise is None) != (target is None), f"{prefix}.noise_multiplier", noise,
@@ -111,12 +158,21 @@ def _validate_delta(key: str, delta: float | None, units: int, units_name: str,
              f"that publish one {unit}'s data outright")
 
 
-def fleet_spec(cfg: DictConfig) -> FleetSpec:
+def fleet_spec(cfg: DictConfig, num_devices: int | None = None) -> FleetSpec:
     d = cfg.data
-    return FleetSpec(seed=d.seed, num_devices=cfg.fleet.num_devices, photos_min=d.photos_min,
-                     photos_max=d.photos_max, heldout_photos=d.heldout_photos,
-                     image_size=d.image_size, num_public=d.num_public,
-                     clip_length=d.clip_length)
+    return FleetSpec(source=str(d.source), root=str(d.get("root") or ""),
+                     controls_csv=str(d.get("controls_csv") or ""),
+                     crop=float(d.get("crop", 1.0)), seed=d.seed,
+                     num_devices=num_devices or cfg.fleet.num_devices,
+                     photos_min=d.photos_min, photos_max=d.photos_max,
+                     heldout_photos=d.heldout_photos, image_size=d.image_size,
+                     num_public=d.num_public, clip_length=d.clip_length)
+
+
+def consent_default(cfg: DictConfig) -> str:
+    """``auto`` grants for SynthFaces only (validation makes real data choose)."""
+    choice = str(cfg.devices.consent_default)
+    return "grant" if choice == "auto" else choice
 
 
 def recipe(cfg: DictConfig, photo: PhotoPlan) -> Recipe:
@@ -128,7 +184,17 @@ def recipe(cfg: DictConfig, photo: PhotoPlan) -> Recipe:
                   photo_dp=photo.enabled, noise_multiplier=photo.noise_multiplier,
                   max_grad_norm=photo.max_grad_norm, delta=photo.delta,
                   accountant=photo.accountant, budget_epsilon=photo.budget_epsilon,
-                  seed=int(cfg.seed))
+                  seed=int(cfg.seed), consent_default=consent_default(cfg),
+                  device_storage=str(cfg.devices.storage_dir))
+
+
+def objective_key(cfg: DictConfig) -> str:
+    """The MLflow key ``experiments.train`` returns: ``objective.metric``, or the
+    task's main quality metric."""
+    from fl.tasks import get_task
+    from fl.tracking.keys import QUALITY
+
+    return str(cfg.objective.metric or QUALITY[get_task(task_params(cfg)).primary_metric])
 
 
 def task_params(cfg: DictConfig) -> dict[str, Any]:

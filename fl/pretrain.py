@@ -53,7 +53,7 @@ def pretrain(task: Task, spec: FleetSpec, steps: int, batch_size: int, lr: float
     nn.init.normal_(identities.weight, 0.0, 0.1)
     shared = [p for n, p in model.named_parameters() if not task.is_personal(n)]
     optimizer = torch.optim.Adam(shared + list(identities.parameters()), lr=lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     model.train()
     for step in range(1, steps + 1):
         loss = task.pretrain_loss(model, identities, spec, rng, batch_size)
@@ -64,8 +64,8 @@ def pretrain(task: Task, spec: FleetSpec, steps: int, batch_size: int, lr: float
         if progress:
             progress(step, loss.item())
     mean_identity = identities.weight.detach().mean(dim=0, keepdim=True)
-    personal_init = {k: mean_identity.clone() for k in task.personal_state(model)}
-    return {"shared": task.shared_state(model), "personal_init": personal_init}
+    return {"shared": task.shared_state(model),
+            "personal_init": task.personal_init(model, mean_identity)}
 
 
 def save_checkpoint(path: str | Path, shared: dict[str, torch.Tensor],
@@ -94,8 +94,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def cached_pretrain(task: Task, spec: FleetSpec, steps: int,
                     batch_size: int, lr: float, seed: int, cache_dir: str | Path,
-                    log: Callable[[str], None] = say) -> Path:
-    """Path of the pretrained checkpoint for this config, training it if missing."""
+                    log: Callable[[str], None] = say,
+                    on_trained: Callable[[Path, list[float], float], None] | None = None) -> Path:
+    """Path of the pretrained checkpoint for this config, training it if missing.
+
+    ``on_trained(path, losses, seconds)`` is called after a fresh training (the
+    MLflow record of the pretraining hangs off it)."""
     key = checkpoint_key(task, spec, steps, batch_size, lr, seed)
     path = Path(cache_dir) / f"{task.name}-{key}.pt"
     if path.is_file():
@@ -105,8 +109,10 @@ def cached_pretrain(task: Task, spec: FleetSpec, steps: int,
         f"({steps} steps, {spec.image_size}px); cached at {path}")
     start = time.time()
     every = max(steps // 10, 1)
+    losses: list[float] = []
 
     def progress(step: int, loss: float) -> None:
+        losses.append(loss)
         if step % every == 0 or step == steps:
             elapsed = time.time() - start
             eta = elapsed / step * (steps - step)
@@ -114,4 +120,7 @@ def cached_pretrain(task: Task, spec: FleetSpec, steps: int,
                 f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left")
 
     checkpoint = pretrain(task, spec, steps, batch_size, lr, seed, progress)
-    return save_checkpoint(path, checkpoint["shared"], checkpoint["personal_init"])
+    save_checkpoint(path, checkpoint["shared"], checkpoint["personal_init"])
+    if on_trained:
+        on_trained(path, losses, time.time() - start)
+    return path

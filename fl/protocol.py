@@ -30,6 +30,11 @@ LEDGER_STEPS, SAMPLE_RATE = "ledger-steps", "sample-rate"  # cumulative DP-SGD s
 TRAINED, BUDGET_EXHAUSTED = "trained", "budget-exhausted"
 PERSONALISED = "personalised"
 DEVICE_INDEX = "device-index"  # roll-call reply: the device's pseudonymous index
+# Consent and data, reported by every device that answers (counts only, never ids).
+PHOTOS_USED, PHOTOS_WITHDRAWN = "photos-used", "photos-withdrawn"
+PHOTOS_SKIPPED, PHOTOS_CONVERTED = "photos-skipped", "photos-converted"
+OPTED_OUT, DELETED, EXCLUDED = "opted-out", "deleted", "excluded"
+STATUS, REASON = "status", "reason"  # ConfigRecord with why a device did not take part
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class Recipe:
     accountant: str = "rdp"
     budget_epsilon: float = 0.0  # 0: no budget
     seed: int = 0
+    consent_default: str = "grant"  # photos of a device without consent.json: grant | deny
+    device_storage: str = ".fedface-devices"  # simulated devices' own directories live here
 
 
 def round_config(recipe: Recipe, task: dict[str, Any], fleet: FleetSpec) -> ConfigRecord:

@@ -22,10 +22,11 @@ from omegaconf import DictConfig
 from fl import config as C
 from fl import protocol as P
 from fl.console import say
-from fl.pretrain import cached_pretrain, load_checkpoint
+from fl.pretrain import load_checkpoint
 from fl.privacy.plan import privacy_plan
 from fl.tasks import get_task
 from fl.tracking.mlflow_run import RunLogger
+from fl.tracking.model_init import init_source, resolve_init
 from server.console import format_round, format_summary, last_value
 from server.loop import LoopSettings, RoundLoop
 
@@ -41,15 +42,6 @@ class Summary:
         return last_value(self.history, key)
 
 
-def init_checkpoint_path(cfg: DictConfig, log: Callable[[str], None] = say) -> str:
-    """``model.init`` if given, else the cached public pretraining for this config."""
-    if cfg.model.init:
-        return str(cfg.model.init)
-    pre = cfg.pretrain
-    return str(cached_pretrain(get_task(C.task_params(cfg)), C.fleet_spec(cfg), pre.steps, pre.batch_size, pre.lr, cfg.seed,
-                               pre.cache_dir, log))
-
-
 def build_strategy(cfg: DictConfig):
     """The configured Flower strategy; fedface samples devices itself, so the
     strategy is told to use every node of the grid view it is given."""
@@ -62,7 +54,8 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
     C.validate(cfg)
     task = get_task(C.task_params(cfg))
     spec = C.fleet_spec(cfg)
-    checkpoint = load_checkpoint(init_checkpoint_path(cfg, log))
+    init_path = resolve_init(cfg, log)
+    checkpoint = load_checkpoint(init_path)
     plan = privacy_plan(cfg)
     recipe = C.recipe(cfg, plan.photo)
     f = cfg.fleet
@@ -73,6 +66,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
         round_timeout=f.round_timeout, seed=cfg.seed, photo=plan.photo, user=plan.user)
     logger = RunLogger(cfg)
     logger.log_params(plan.params())
+    logger.set_tag("fedface.init", init_source(cfg, init_path))
     log(f"MLflow run {logger.run_id} ({logger.uri})")
 
     def on_round(rnd: int, metrics: dict[str, float]) -> None:

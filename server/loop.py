@@ -28,7 +28,7 @@ from fl.privacy.plan import PhotoPlan, UserPlan, default_delta
 from fl.privacy.user_level import UserMechanism
 from fl.tasks.base import Task
 from fl.tracking import keys as K
-from server.newuser import newuser_swap_psnr
+from server.newuser import newuser_score
 from server.roll_call import roll_call, wait_for_nodes
 
 
@@ -70,7 +70,29 @@ class DeviceRecord:
     steps: int = 0
     sample_rate: float = 0.0
     epsilon: float | None = None  # photo-level, as last reported; None: never reported
-    status: str = "never sampled"  # | trained | budget exhausted | failed
+    status: str = "never sampled"  # | trained | budget exhausted | failed | not trained: why
+    # Consent and data, as last reported (counts only).
+    photos_withdrawn: int = 0
+    photos_skipped: int = 0
+    photos_converted: int = 0
+    opted_out: bool = False  # deleted its data, or no photo consented for training
+    deleted: bool = False  # the user deleted their data: never sampled again
+    excluded: bool = False  # too few usable photos: never sampled again
+
+    @property
+    def gone(self) -> bool:
+        return self.deleted or self.excluded
+
+    def note(self, m, reason: str) -> None:
+        """Fold a reply's consent and data report into the record."""
+        self.photos_withdrawn = int(m.get(P.PHOTOS_WITHDRAWN, self.photos_withdrawn))
+        self.photos_skipped = int(m.get(P.PHOTOS_SKIPPED, self.photos_skipped))
+        self.photos_converted = int(m.get(P.PHOTOS_CONVERTED, self.photos_converted))
+        self.opted_out = bool(m.get(P.OPTED_OUT, 0))
+        self.deleted = self.deleted or bool(m.get(P.DELETED, 0))
+        self.excluded = self.excluded or bool(m.get(P.EXCLUDED, 0))
+        if reason:
+            self.status = f"not trained: {reason}"
 
 
 @dataclass
@@ -100,6 +122,23 @@ def user_epsilons(m: UserMechanism, devices_per_round: int, num_devices: int,
             K.SIM_USER_NOISE_MULTIPLIER: m.noise_multiplier,
             K.USER_EPS: real.epsilon(released), K.USER_DELTA: real.delta,
             K.USER_NOISE_MULTIPLIER: real.noise_multiplier}
+
+
+def _reason(reply: Message) -> str:
+    """Why a device took no part, as it said (a short sentence, never photo ids)."""
+    return str(reply.content[P.STATUS][P.REASON]) if P.STATUS in reply.content else ""
+
+
+def _fleet_consent(records) -> dict[str, float]:
+    """Consent and data metrics over everything devices have reported so far."""
+    records = list(records)
+    return {
+        K.CONSENT_PHOTOS_REVOKED: float(sum(r.photos_withdrawn for r in records)),
+        K.CONSENT_DEVICES_OPTED_OUT: float(sum(r.opted_out for r in records)),
+        K.DATA_PHOTOS_SKIPPED: float(sum(r.photos_skipped for r in records)),
+        K.DATA_PHOTOS_CONVERTED: float(sum(r.photos_converted for r in records)),
+        K.DATA_DEVICES_EXCLUDED: float(sum(r.excluded for r in records)),
+    }
 
 
 def _mean(values: list[float]) -> float:
@@ -158,7 +197,7 @@ class RoundLoop:
 
         for rnd in range(1, self.s.rounds + 1):
             start = time.time()
-            eligible = [n for n in nodes if n not in exhausted]
+            eligible = [n for n in nodes if n not in exhausted and not result.devices[n].gone]
             result.stopped = self._stop_reason(result, eligible)
             if result.stopped:
                 break
@@ -179,7 +218,8 @@ class RoundLoop:
         """Why the next round must not run: no device may train, or releasing one
         more aggregate would pass the fleet's user-level budget."""
         if not eligible:
-            return "every device has spent its photo-level budget"
+            return ("no device can train: every device has spent its photo-level budget, "
+                    "deleted its data or was excluded")
         user = self.s.user
         if user.enabled and user.budget_epsilon > 0:
             after = user.mechanism.epsilon(result.user_rounds + 1)
@@ -225,7 +265,7 @@ class RoundLoop:
         for reply in replies:
             if reply.has_error() and reply.metadata.src_node_id in result.devices:
                 result.devices[reply.metadata.src_node_id].status = "failed"
-        losses = []
+        losses, photos_used = [], 0
         for reply in ok:
             node = reply.metadata.src_node_id
             m = reply.content[P.METRICS]
@@ -235,11 +275,13 @@ class RoundLoop:
             record.sample_rate = float(m[P.SAMPLE_RATE]) or record.sample_rate
             record.epsilon = float(m[P.PHOTO_EPS])
             record.status = "trained"
+            record.note(m, _reason(reply))
             if int(m[P.BUDGET_EXHAUSTED]):
                 exhausted.add(node)
                 record.status = "budget exhausted"
             if int(m[P.TRAINED]):
                 losses.append(float(m[P.TRAIN_LOSS]))
+                photos_used += int(m[P.PHOTOS_USED])
         metrics = {
             K.TRAIN_LOSS: _mean(losses),
             K.DEVICES_SAMPLED: float(num_sampled),
@@ -247,7 +289,8 @@ class RoundLoop:
             # Errors and devices that never answered (timeouts) alike.
             K.DEVICES_FAILED: float(num_sampled - len(ok)),
             K.DEVICES_BUDGET_EXHAUSTED: float(len(exhausted)),
-        }
+            K.CONSENT_PHOTOS_USED: float(photos_used),
+        } | _fleet_consent(result.devices.values())
         if self.s.photo.enabled:
             eps = [r.epsilon for r in result.devices.values()
                    if r.epsilon is not None] or [0.0]
@@ -266,14 +309,14 @@ class RoundLoop:
             rnd, ArrayRecord(shared), ConfigRecord(dict(self.config)),
             SampledGrid(self.grid, panel)))
         ok = [r.content[P.METRICS] for r in replies if not r.has_error()]
-        out = {key: _mean([float(m[name]) for m in ok]) for name, key in K.QUALITY.items()
-               if ok and name in ok[0]}
+        out = {key: _mean([float(m[name]) for m in ok if name in m])
+               for name, key in K.QUALITY.items() if any(name in m for m in ok)}
         out[K.DEVICES_EVALUATED_PERSONALISED] = float(sum(int(m[P.PERSONALISED]) for m in ok))
         return out
 
     def _newuser(self, shared: dict[str, torch.Tensor]) -> dict[str, float]:
         if self.s.newuser_identities <= 0:
             return {}
-        score = newuser_swap_psnr(self.task, shared, self.personal_init, self.spec,
-                                  self.s.newuser_identities, self.s.newuser_steps, self.s.seed)
-        return {K.NEWUSER_SWAP_PSNR: score}
+        score = newuser_score(self.task, shared, self.personal_init, self.spec,
+                              self.s.newuser_identities, self.s.newuser_steps, self.s.seed)
+        return {K.NEWUSER[self.task.primary_metric]: score}

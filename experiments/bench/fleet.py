@@ -25,7 +25,7 @@ from fl.config import compose, fleet_spec, recipe, task_params
 from fl.pretrain import load_checkpoint
 from fl.privacy.plan import privacy_plan
 from fl.tracking import keys as K
-from server.app import init_checkpoint_path
+from fl.tracking.model_init import resolve_init
 
 TRAIN_ONLY = ["fleet.eval_devices=0", "fleet.newuser_identities=0"]
 
@@ -69,7 +69,7 @@ def _back_to_back_seconds(cfg, updates: int) -> list[float]:
 
 def run(rounds: int = 3, repeats: int = 3, overrides: list[str] | None = None) -> list[dict]:
     cfg = compose(TRAIN_ONLY + [f"fleet.rounds={rounds}"] + list(overrides or []))
-    cfg.model.init = init_checkpoint_path(cfg)
+    cfg.model.init = resolve_init(cfg)
     workers = max(1, int((os.cpu_count() or 1) // cfg.fleet.cpus_per_device))
     fleet_rate = statistics.median(_fleet_rates(cfg, repeats))
     per_update = _back_to_back_seconds(cfg, rounds * cfg.fleet.devices_per_round)

@@ -13,7 +13,7 @@ import torch
 from clients.trainer import train_on_device
 from experiments.bench.common import median_seconds
 from fl.config import compose, fleet_spec, recipe, task_params
-from fl.data.fleet import device_photos
+from fl.data.device_data import load_device_data
 from fl.privacy.ledger import PhotoLedger
 from fl.privacy.plan import privacy_plan
 from fl.tasks import get_task
@@ -23,7 +23,7 @@ def run(repeats: int = 5, overrides: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(1)
     cfg = compose(overrides)
     task, spec, base = get_task(task_params(cfg)), fleet_spec(cfg), recipe(cfg, privacy_plan(cfg).photo)
-    photos = torch.from_numpy(device_photos(spec, 0).train)
+    photos = task.training_tensors(load_device_data(spec, 0))
     rows = []
     for label, rec in (("dp-sgd", dataclasses.replace(base, photo_dp=True)),
                        ("non-private", dataclasses.replace(base, photo_dp=False))):

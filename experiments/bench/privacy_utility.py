@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fl.config import compose
 from fl.tracking import keys as K
-from server.app import init_checkpoint_path
+from fl.tracking.model_init import resolve_init
 from server.console import last_value
 
 SETTINGS = ("none", "photo", "user", "photo_user")
@@ -22,7 +22,7 @@ def run(settings: tuple[str, ...] = SETTINGS, overrides: list[str] | None = None
     rows = []
     for privacy in settings:
         cfg = compose([f"privacy={privacy}", *(overrides or [])])
-        cfg.model.init = init_checkpoint_path(cfg)
+        cfg.model.init = resolve_init(cfg)
         history = simulate(cfg).history
 
         def last(key: str, history=history) -> float:

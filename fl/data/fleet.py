@@ -1,7 +1,7 @@
-"""The simulated fleet: one device = one user = one SynthFaces identity.
+"""The fleet's data spec, and the SynthFaces fleet: one device = one user = one identity.
 
-A device regenerates its own photos from ``(seed, device index)``; nothing about a
-device's photos ever has to be sent anywhere. Public identities (for pretraining,
+A SynthFaces device regenerates its own photos from ``(seed, device index)``;
+nothing about a device's photos ever has to be sent anywhere. Public identities (for pretraining,
 server-side evaluation and "film clips") live in a disjoint id range, so device
 identities can never enter pretraining or the server's evaluation by accident.
 """
@@ -13,6 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from fl.data.controls import from_attributes
+from fl.data.device_data import DeviceData, register_source
 from fl.data.synthfaces import Attributes, Identity, render
 
 # Public identities are numbered from here; device identities are 0..num_devices-1.
@@ -24,8 +26,19 @@ _COUNT_STREAM = 7
 
 @dataclass(frozen=True)
 class FleetSpec:
-    """How the simulated fleet's data is generated (mirrors the ``data`` config)."""
+    """Where the fleet's photos come from (mirrors the ``data`` config).
 
+    ``source`` picks a registered data source: ``synthfaces`` renders each device's
+    photos; ``celeba`` and ``folders`` read them from ``root`` on disk (one device
+    per identity with at least ``photos_min + heldout_photos`` photos). Public
+    SynthFaces identities (pretraining, new-user checks, film clips) are used with
+    every source.
+    """
+
+    source: str = "synthfaces"
+    root: str = ""  # dataset directory (on-disk sources)
+    controls_csv: str = ""  # per-photo portrait controls (folders source)
+    crop: float = 1.0  # centred face crop, fraction of the shorter side (folders source)
     seed: int = 0
     num_devices: int = 100
     photos_min: int = 20
@@ -43,32 +56,33 @@ class FleetSpec:
             )
 
 
-@dataclass(frozen=True)
-class DevicePhotos:
-    """One device's local data: training photos and held-out photos."""
-
-    identity: Identity
-    train: np.ndarray  # (n, 3, S, S) float32
-    heldout: np.ndarray  # (h, 3, S, S)
-    heldout_attributes: tuple[Attributes, ...]
-
-
 def device_photo_count(spec: FleetSpec, device: int) -> int:
     rng = np.random.default_rng([spec.seed, _COUNT_STREAM, device])
     return int(rng.integers(spec.photos_min, spec.photos_max + 1))
 
 
-@lru_cache(maxsize=256)
-def device_photos(spec: FleetSpec, device: int) -> DevicePhotos:
-    """The photos on device ``device`` (cached per process: a simulation worker
-    serves many rounds of the same devices, and rendering is pure)."""
-    if not 0 <= device < spec.num_devices:
-        raise ValueError(f"device {device} is outside the fleet of {spec.num_devices}")
-    identity = Identity.sample(spec.seed, device)
-    n = device_photo_count(spec, device)
-    attrs = [Attributes.sample(spec.seed, device, k) for k in range(n + spec.heldout_photos)]
+def photo_id(index: int) -> str:
+    return f"photo-{index:04d}"
+
+
+def synthetic_device(spec: FleetSpec, identity_id: int, n: int) -> DeviceData:
+    """``n`` training photos and ``spec.heldout_photos`` held-out photos of one
+    SynthFaces identity, labelled with their exact controls."""
+    identity = Identity.sample(spec.seed, identity_id)
+    attrs = [Attributes.sample(spec.seed, identity_id, k) for k in range(n + spec.heldout_photos)]
     images = render(identity, attrs, spec.image_size)
-    return DevicePhotos(identity, images[:n], images[n:], tuple(attrs[n:]))
+    controls = from_attributes(attrs)
+    ids = tuple(photo_id(k) for k in range(len(attrs)))
+    return DeviceData(train=images[:n], train_ids=ids[:n], heldout=images[n:],
+                      heldout_ids=ids[n:], train_controls=controls[:n],
+                      heldout_controls=controls[n:], identity=identity)
+
+
+def _synthfaces_device(spec: FleetSpec, device: int) -> DeviceData:
+    return synthetic_device(spec, device, device_photo_count(spec, device))
+
+
+register_source("synthfaces", lambda spec: spec.num_devices, _synthfaces_device)
 
 
 def public_identity(spec: FleetSpec, k: int) -> Identity:

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fl.data.fleet import DevicePhotos, FleetSpec
-from fl.models.swap import PERSONAL_PREFIX
+from fl.data.device_data import DeviceData
+from fl.data.fleet import FleetSpec
+from fl.models.blocks import PERSONAL_PREFIX
 
 _TASKS: dict[str, type[Task]] = {}
+EMBEDDING_KEY = f"{PERSONAL_PREFIX}embedding.weight"
 
 
 def register_task(name: str):
@@ -50,6 +52,10 @@ class Task(ABC):
     device_trains: tuple[str, ...] = ()
     #: Size of the personal identity embedding (pretraining keeps one per public identity).
     personal_dim: int = 0
+    #: The device-side quality metric that sums the task up (new-user check, objective).
+    primary_metric: str = ""
+    #: Whether a device's photos need portrait controls (labels) to train.
+    needs_controls: bool = False
 
     @abstractmethod
     def architecture(self) -> dict[str, Any]:
@@ -59,9 +65,13 @@ class Task(ABC):
     def build_model(self, image_size: int) -> nn.Module:
         """A fresh model whose personal weights live under ``personal.``."""
 
+    def training_tensors(self, data: DeviceData) -> tuple[torch.Tensor, ...]:
+        """What the device trains on, one row per photo (DP-SGD samples rows)."""
+        return (torch.from_numpy(data.train),)
+
     @abstractmethod
-    def device_loss(self, model: nn.Module, photos: torch.Tensor) -> torch.Tensor:
-        """Mean loss of the device's own photos (the only data a device has)."""
+    def device_loss(self, model: nn.Module, *batch: torch.Tensor) -> torch.Tensor:
+        """Mean loss of a batch of ``training_tensors`` rows (the device's own photos)."""
 
     @abstractmethod
     def pretrain_loss(self, model: nn.Module, identities: nn.Embedding, spec: FleetSpec,
@@ -69,9 +79,19 @@ class Task(ABC):
         """Loss of one central pretraining batch drawn from *public* identities."""
 
     @abstractmethod
-    def evaluate_device(self, model: nn.Module, photos: DevicePhotos,
+    def evaluate_device(self, model: nn.Module, data: DeviceData,
                         spec: FleetSpec) -> dict[str, float]:
-        """Quality metrics on a device's held-out data (names without prefix)."""
+        """Quality metrics on a device's held-out data (names without prefix).
+
+        Metrics that need SynthFaces' ground truth are computed only when
+        ``data.identity`` is known; real photos get the held-out ones."""
+
+    def personal_init(self, model: nn.Module, identity: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The public starting point of every device's personal part: the model's
+        fresh personal state with ``identity`` as the embedding."""
+        init = {k: v.detach().clone() for k, v in self.personal_state(model).items()}
+        init[EMBEDDING_KEY] = identity.detach().clone()
+        return init
 
     # The split below is the privacy boundary: personal weights never leave a device.
     def is_personal(self, key: str) -> bool:
@@ -87,7 +107,7 @@ class Task(ABC):
     def personal_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v for k, v in model.state_dict().items() if self.is_personal(k)}
 
-    def fit_personal(self, model: nn.Module, photos: torch.Tensor, steps: int,
+    def fit_personal(self, model: nn.Module, tensors: tuple[torch.Tensor, ...], steps: int,
                      lr: float = 0.05, batch_size: int = 16, seed: int = 0) -> None:
         """Fit only the personal part on frozen shared weights (no DP: for *public*
         identities, e.g. the server's new-user check)."""
@@ -98,8 +118,9 @@ class Task(ABC):
         optimizer = torch.optim.Adam(personal, lr=lr)
         model.train()
         for _ in range(steps):
-            idx = torch.randint(len(photos), (min(batch_size, len(photos)),), generator=generator)
-            loss = self.device_loss(model, photos[idx])
+            n = len(tensors[0])
+            idx = torch.randint(n, (min(batch_size, n),), generator=generator)
+            loss = self.device_loss(model, *(t[idx] for t in tensors))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fl.data.device_data import DeviceData
 from fl.data.fleet import (
-    DevicePhotos,
     FleetSpec,
     public_attributes,
     public_identity,
@@ -33,6 +33,7 @@ from fl.tasks.base import Task, register_task
 
 @register_task("swap")
 class SwapTask(Task):
+    primary_metric = "swap_psnr"
     def __init__(self, width: int = 32, code_dim: int = 32, id_dim: int = 32,
                  device_trains: list[str] | tuple[str, ...] = ("decoder",),
                  eval_clips: int = 2) -> None:
@@ -73,21 +74,23 @@ class SwapTask(Task):
         return F.mse_loss(pred, torch.from_numpy(truth))
 
     @torch.no_grad()
-    def evaluate_device(self, model: nn.Module, photos: DevicePhotos,
+    def evaluate_device(self, model: nn.Module, data: DeviceData,
                         spec: FleetSpec) -> dict[str, float]:
         model.eval()
+        heldout = torch.from_numpy(data.heldout)
+        metrics = {"recon_psnr": psnr(model(heldout), heldout)}
+        if data.identity is None:  # real photos: no ground truth of a swap exists
+            return metrics
         frames, attrs = swap_benchmark(spec, self.eval_clips)
-        truth = torch.from_numpy(render(photos.identity,
+        truth = torch.from_numpy(render(data.identity,
                                         [a.replace(noise_sigma=0.0) for a in attrs],
                                         spec.image_size))
         frames_t = torch.from_numpy(frames)
         swapped = model(frames_t)
-        mean_photo = torch.from_numpy(photos.train.mean(axis=0, keepdims=True)).expand_as(truth)
-        heldout = torch.from_numpy(photos.heldout)
-        return {
+        mean_photo = torch.from_numpy(data.train.mean(axis=0, keepdims=True)).expand_as(truth)
+        return metrics | {
             "swap_psnr": psnr(swapped, truth),
             "swap_ssim": ssim(swapped, truth),
             "swap_psnr_baseline_clip": psnr(frames_t, truth),
             "swap_psnr_baseline_mean": psnr(mean_photo, truth),
-            "recon_psnr": psnr(model(heldout), heldout),
         }

@@ -9,6 +9,11 @@ SWAP_PSNR_BASELINE_CLIP = "quality/swap_psnr_baseline_clip"
 SWAP_PSNR_BASELINE_MEAN = "quality/swap_psnr_baseline_mean"
 RECON_PSNR = "quality/recon_psnr"
 NEWUSER_SWAP_PSNR = "quality/newuser_swap_psnr"
+PORTRAIT_PSNR = "quality/portrait_psnr"
+PORTRAIT_SSIM = "quality/portrait_ssim"
+PORTRAIT_PSNR_BASELINE_MEAN = "quality/portrait_psnr_baseline_mean"
+PORTRAIT_HELDOUT_PSNR = "quality/portrait_heldout_psnr"
+NEWUSER_PORTRAIT_PSNR = "quality/newuser_portrait_psnr"
 
 PHOTO_EPS_MAX = "privacy/photo_eps_max"
 PHOTO_EPS_MEAN = "privacy/photo_eps_mean"
@@ -31,6 +36,14 @@ UPDATE_CLIP_FRACTION = "fleet/update_clip_fraction"
 DEVICES_EVALUATED_PERSONALISED = "fleet/eval_devices_personalised"
 ROUND_SECONDS = "fleet/round_seconds"
 
+# Consent and data (sums over what devices last reported; never which photos).
+CONSENT_PHOTOS_USED = "consent/photos_used"  # photos that trained this round
+CONSENT_PHOTOS_REVOKED = "consent/photos_revoked"  # consent given, then revoked or expired
+CONSENT_DEVICES_OPTED_OUT = "consent/devices_opted_out"  # deleted their data or consent none
+DATA_PHOTOS_SKIPPED = "data/photos_skipped"  # unusable files (corrupt, not images, tiny...)
+DATA_PHOTOS_CONVERTED = "data/photos_converted"  # greyscale/CMYK/alpha converted to RGB
+DATA_DEVICES_EXCLUDED = "data/devices_excluded"  # too few usable photos to take part
+
 # Device-side evaluation names (fl.tasks) -> MLflow keys.
 QUALITY = {
     "swap_psnr": SWAP_PSNR,
@@ -38,4 +51,11 @@ QUALITY = {
     "swap_psnr_baseline_clip": SWAP_PSNR_BASELINE_CLIP,
     "swap_psnr_baseline_mean": SWAP_PSNR_BASELINE_MEAN,
     "recon_psnr": RECON_PSNR,
+    "portrait_psnr": PORTRAIT_PSNR,
+    "portrait_ssim": PORTRAIT_SSIM,
+    "portrait_psnr_baseline_mean": PORTRAIT_PSNR_BASELINE_MEAN,
+    "portrait_heldout_psnr": PORTRAIT_HELDOUT_PSNR,
 }
+
+# A task's primary metric -> the server-side new-user check's key.
+NEWUSER = {"swap_psnr": NEWUSER_SWAP_PSNR, "portrait_psnr": NEWUSER_PORTRAIT_PSNR}

@@ -35,14 +35,18 @@ def tracking_uri(cfg: DictConfig) -> str:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def quiet_mlflow() -> None:
+    """MLflow's sqlite store trips a SQLAlchemy deprecation that is MLflow's to fix."""
+    warnings.filterwarnings("ignore", message=".*noload.*")
+
+
 class RunLogger:
     """Owns one MLflow run; every write goes through it."""
 
     def __init__(self, cfg: DictConfig) -> None:
         self.uri = tracking_uri(cfg)
         mlflow.set_tracking_uri(self.uri)
-        # MLflow's sqlite store trips a SQLAlchemy deprecation that is MLflow's to fix.
-        warnings.filterwarnings("ignore", message=".*noload.*")
+        quiet_mlflow()
         mlflow.set_experiment(cfg.tracking.experiment_name)
         self.run = mlflow.start_run(run_name=cfg.tracking.run_name)
         self.run_id = self.run.info.run_id

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from clients.trainer import BUDGET_EXHAUSTED, TRAINED, personal_lr, train_on_device
-from fl.data.fleet import FleetSpec, device_photos
+from fl.data.device_data import load_device_data
+from fl.data.fleet import FleetSpec
 from fl.privacy.ledger import PhotoLedger, epsilon_of
 from fl.protocol import Recipe
 from fl.tasks import get_task
@@ -18,7 +19,7 @@ SPEC = FleetSpec(num_devices=4, photos_min=12, photos_max=12, heldout_photos=2, 
 def setup():
     task = get_task({"name": "swap", "width": 8})
     model = task.build_model(32)
-    photos = torch.from_numpy(device_photos(SPEC, 1).train)
+    photos = (torch.from_numpy(load_device_data(SPEC, 1).train),)
     recipe = Recipe(local_epochs=1.0, batch_size=4, lr_shared=0.05, lr_personal=1.0,
                     noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-3)
     return task, model, photos, recipe

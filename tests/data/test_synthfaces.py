@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 
+from fl.data.device_data import load_device_data
 from fl.data.fleet import (
     CLIP_ID_OFFSET,
     PUBLIC_ID_OFFSET,
     FleetSpec,
     device_photo_count,
-    device_photos,
     film_clip,
 )
 from fl.data.synthfaces import Attributes, Identity, render
@@ -68,11 +68,11 @@ def test_fleet_devices_have_photo_counts_in_range_and_heldout():
                      image_size=32)
     counts = [device_photo_count(spec, d) for d in range(20)]
     assert all(20 <= c <= 40 for c in counts) and len(set(counts)) > 1
-    photos = device_photos(spec, 3)
+    photos = load_device_data(spec, 3)
     assert photos.train.shape == (counts[3], 3, 32, 32)
     assert photos.heldout.shape == (5, 3, 32, 32)
     with pytest.raises(ValueError, match="outside the fleet"):
-        device_photos(spec, 20)
+        load_device_data(spec, 20)
 
 
 def test_public_and_clip_identities_are_disjoint_from_devices():
