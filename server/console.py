@@ -7,10 +7,32 @@ import math
 from fl.privacy.plan import PrivacyPlan
 from fl.tracking import keys as K
 
+# What sums up a round's quality, first match wins: the task's ground-truth metric
+# with its baselines (SynthFaces), else the held-out metric real photos allow.
+QUALITY_LINES = (
+    ((K.SWAP_PSNR, "swap"), (K.SWAP_PSNR_BASELINE_CLIP, "clip"),
+     (K.SWAP_PSNR_BASELINE_MEAN, "mean")),
+    ((K.PORTRAIT_PSNR, "portrait"), (K.PORTRAIT_PSNR_BASELINE_MEAN, "mean")),
+    ((K.PORTRAIT_HELDOUT_PSNR, "held-out portrait"),),
+    ((K.RECON_PSNR, "reconstruction"),),
+)
+NEWUSER_KEYS = tuple(K.NEWUSER.values())
+
 
 def _db(metrics: dict[str, float], key: str) -> str:
     value = metrics.get(key, float("nan"))
     return "  -  " if math.isnan(value) else f"{value:5.2f}"
+
+
+def _quality(m: dict[str, float]) -> str:
+    for line in QUALITY_LINES:
+        if line[0][0] in m:
+            (key, label), *baselines = line
+            text = f"{label} {_db(m, key)} dB"
+            if baselines:
+                text += " [" + " | ".join(f"{b} {_db(m, k)}" for k, b in baselines) + "]"
+            return text
+    return "quality   -  "
 
 
 def format_round(rnd: int, rounds: int, m: dict[str, float]) -> str:
@@ -21,11 +43,8 @@ def format_round(rnd: int, rounds: int, m: dict[str, float]) -> str:
         head += (f"  trained {int(m.get(K.DEVICES_TRAINED, 0))}/"
                  f"{int(m.get(K.DEVICES_SAMPLED, 0))}"
                  f"  loss {m.get(K.TRAIN_LOSS, float('nan')):.4f}")
-    parts = [head,
-             (f"swap {_db(m, K.SWAP_PSNR)} dB [clip {_db(m, K.SWAP_PSNR_BASELINE_CLIP)}"
-             f" | mean {_db(m, K.SWAP_PSNR_BASELINE_MEAN)}]")]
-    if K.NEWUSER_SWAP_PSNR in m:
-        parts.append(f"new-user {_db(m, K.NEWUSER_SWAP_PSNR)} dB")
+    parts = [head, _quality(m)]
+    parts += [f"new-user {_db(m, key)} dB" for key in NEWUSER_KEYS if key in m]
     if K.PHOTO_EPS_MAX in m:
         parts.append(f"photo eps max {m[K.PHOTO_EPS_MAX]:.2f}")
     if K.USER_EPS in m:
@@ -36,6 +55,8 @@ def format_round(rnd: int, rounds: int, m: dict[str, float]) -> str:
         parts.append(f"at budget {int(m[K.DEVICES_BUDGET_EXHAUSTED])}")
     if m.get(K.DEVICES_FAILED):
         parts.append(f"failed {int(m[K.DEVICES_FAILED])}")
+    if m.get(K.CONSENT_DEVICES_OPTED_OUT):
+        parts.append(f"opted out {int(m[K.CONSENT_DEVICES_OPTED_OUT])}")
     if K.ROUND_SECONDS in m:
         parts.append(f"{m[K.ROUND_SECONDS]:.1f}s")
     return "  ".join(parts)
@@ -79,16 +100,18 @@ def format_summary(history: dict[int, dict[str, float]], plan: PrivacyPlan, run_
     def last(key: str) -> float:
         return last_value(history, key)
 
+    final = {key: last(key) for key in {k for m in history.values() for k in m}}
+    quality = [f"quality      {_quality(final)}  (before fine-tuning: {_quality(first)})"]
+    for key, label in ((K.SWAP_SSIM, "swap SSIM"), (K.PORTRAIT_SSIM, "portrait SSIM")):
+        if key in final:
+            quality.append(f"{label:<12} {final[key]:.3f}")
+    quality += [f"new user     {final[key]:.2f} dB {key.removeprefix('quality/newuser_')} "
+                f"(pretrained: {first.get(key, float('nan')):.2f} dB)"
+                for key in NEWUSER_KEYS if key in final]
     return "\n".join([
         "",
         "== fedface run finished ==",
-        (f"swap PSNR    {last(K.SWAP_PSNR):.2f} dB  (before fine-tuning "
-        f"{first.get(K.SWAP_PSNR, float('nan')):.2f} dB; baselines: clip frame "
-        f"{last(K.SWAP_PSNR_BASELINE_CLIP):.2f} dB, user's mean photo "
-        f"{last(K.SWAP_PSNR_BASELINE_MEAN):.2f} dB)"),
-        f"swap SSIM    {last(K.SWAP_SSIM):.3f}   reconstruction PSNR {last(K.RECON_PSNR):.2f} dB",
-        (f"new user     {last(K.NEWUSER_SWAP_PSNR):.2f} dB swap PSNR (pretrained: "
-        f"{first.get(K.NEWUSER_SWAP_PSNR, float('nan')):.2f} dB)"),
+        *quality,
         *_privacy_lines(history, plan),
         f"MLflow run   {run_id}  (experiment '{experiment}')",
         f"open the UI  {ui_command}",

@@ -21,6 +21,7 @@ from flwr.simulation import run_simulation
 from omegaconf import DictConfig
 
 from clients.app import app as client_app
+from fl.config import validate
 from server.app import Summary, run_experiment
 
 
@@ -50,6 +51,7 @@ def simulate(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None = None) -
     ``wrap_grid`` lets an observer see every message (the tests use it to check
     that nothing personal leaves a device).
     """
+    validate(cfg)  # also sizes an on-disk fleet, which decides num_supernodes below
     outcome: dict[str, Summary] = {}
     server_app = ServerApp()
 

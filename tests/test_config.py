@@ -90,3 +90,40 @@ def test_calibrated_photo_noise_reaches_the_target_by_an_independent_accountant(
         dpa.PoissonSampledDpEvent(1 / 3, dpa.GaussianDpEvent(plan.photo.noise_multiplier)),
         12))
     assert 0.95 * 5 <= reference.get_epsilon(plan.photo.delta) <= 5 * 1.02
+
+
+@pytest.fixture(scope="module")
+def lfw(tmp_path_factory):
+    from fl.data.export import export_folders
+
+    return export_folders(tmp_path_factory.mktemp("lfw"), people=3, photos=7)
+
+
+def test_real_data_must_choose_a_consent_default(lfw):
+    base = ["data=folders", f"data.root={lfw}", "data.photos_min=4", "data.heldout_photos=2",
+            "fleet.devices_per_round=2", "fleet.eval_devices=2"]
+    with pytest.raises(ConfigError, match=r"devices\.consent_default.*grant or deny"):
+        validate(compose(base))
+    validate(compose([*base, "devices.consent_default=deny"]))
+
+
+def test_portrait_on_folders_asks_for_the_controls_csv(lfw):
+    base = ["data=folders", f"data.root={lfw}", "data.photos_min=4", "data.heldout_photos=2",
+            "devices.consent_default=grant", "task=portrait", "fleet.devices_per_round=2",
+            "fleet.eval_devices=2"]
+    with pytest.raises(ConfigError, match=r"data\.controls_csv.*file,yaw,pitch,smile"):
+        validate(compose(base))
+    validate(compose([*base, f"data.controls_csv={lfw / 'controls.csv'}"]))
+
+
+def test_an_on_disk_fleet_is_sized_by_its_data(lfw, tmp_path):
+    base = ["data=folders", f"data.root={lfw}", "data.heldout_photos=2",
+            "devices.consent_default=grant", "fleet.devices_per_round=2", "fleet.eval_devices=2"]
+    cfg = compose([*base, "data.photos_min=4"])
+    validate(cfg)
+    assert cfg.fleet.num_devices == 3  # 3 identities with >= 6 photos, capped from 100
+    with pytest.raises(ConfigError, match="no identity with at least"):
+        validate(compose([*base, "data.photos_min=6", "data.photos_max=40"]))
+    with pytest.raises(ConfigError, match=r"data\.root"):
+        validate(compose(["data=celeba", f"data.root={tmp_path / 'missing'}",
+                          "devices.consent_default=grant"]))

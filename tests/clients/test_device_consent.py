@@ -1,0 +1,111 @@
+"""On the device: consent filters photos each round; "delete my data" erases
+the personal state and decoded photos but keeps the privacy ledger."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import torch
+from flwr.app import Context, RecordDict
+
+from clients.device import open_device
+from clients.device_state import LEDGER_KEY, PERSONAL_KEY, load_ledger, save_ledger, save_personal
+from clients.trainer import TRAINED, train_on_device
+from fl import protocol as P
+from fl.data import consent
+from fl.data.device_data import is_cached
+from fl.data.fleet import FleetSpec
+from fl.tasks import get_task
+
+SPEC = FleetSpec(num_devices=2, photos_min=10, photos_max=10, heldout_photos=2, image_size=32)
+
+
+def _context() -> Context:
+    return Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(),
+                   run_config={})
+
+
+def _round(context, recipe, task):
+    """What the ClientApp does in a training round, on a real Context."""
+    view = open_device(context, SPEC, recipe, task)
+    if not view.can_train:
+        return view, None
+    model = task.build_model(SPEC.image_size)
+    ledger = load_ledger(context, recipe.accountant)
+    outcome = train_on_device(task, model, task.training_tensors(view.data), recipe, ledger)
+    save_personal(context, model, task)
+    save_ledger(context, ledger)
+    return view, outcome
+
+
+def test_revocation_takes_effect_at_the_next_round(tmp_path):
+    task = get_task({"name": "portrait", "width": 8})
+    recipe = P.Recipe(local_epochs=1.0, batch_size=4, device_storage=str(tmp_path),
+                      delta=1e-3)
+    context = _context()
+    view, outcome = _round(context, recipe, task)
+    assert outcome.status == TRAINED and len(view.data.train) == 10
+    assert view.report[P.PHOTOS_WITHDRAWN] == 0 and view.report[P.OPTED_OUT] == 0
+
+    folder = tmp_path / "device-00001"
+    manifest = consent.Manifest()
+    manifest.grant(view.data.train_ids + view.data.heldout_ids,
+                   now=datetime.now(UTC) - timedelta(days=1))
+    revoked = set(view.data.train_ids[:4])
+    manifest.revoke(revoked)
+    consent.write_manifest(folder, manifest)
+    view, outcome = _round(context, recipe, task)
+    assert outcome.status == TRAINED and view.report[P.PHOTOS_WITHDRAWN] == 4
+    assert len(view.data.train) == 6 and not revoked & set(view.data.train_ids)
+
+    manifest.revoke(view.data.train_ids)  # nothing left to train on: the device sits out
+    consent.write_manifest(folder, manifest)
+    view, outcome = _round(context, recipe, task)
+    assert outcome is None and view.report[P.OPTED_OUT] == 1
+    assert "no photo is consented" in view.reason
+    assert view.can_evaluate  # evaluation consent was not revoked for held-out photos
+
+
+def test_delete_my_data_erases_personal_state_and_photos_but_keeps_the_ledger(tmp_path):
+    task = get_task({"name": "swap", "width": 8})
+    recipe = P.Recipe(local_epochs=1.0, batch_size=4, device_storage=str(tmp_path),
+                      delta=1e-3)
+    context = _context()
+    _round(context, recipe, task)
+    _round(context, recipe, task)
+    ledger_before = dict(context.state[LEDGER_KEY])
+    assert PERSONAL_KEY in context.state and is_cached(SPEC, 1)
+
+    folder = tmp_path / "device-00001"
+    consent.write_manifest(folder, consent.Manifest(delete_my_data=True))
+    view, outcome = _round(context, recipe, task)
+
+    assert outcome is None and view.data is None
+    assert view.report == {P.OPTED_OUT: 1, P.DELETED: 1}
+    # nothing of the personal state remains in what the device stores...
+    assert list(context.state.keys()) == [LEDGER_KEY]
+    assert not is_cached(SPEC, 1)
+    stored = [p.name for p in folder.iterdir()]
+    assert stored == [consent.MANIFEST]
+    # ...but the ledger is intact: what was released stays accounted
+    assert dict(context.state[LEDGER_KEY]) == ledger_before
+    assert load_ledger(context, "rdp").participations == 2
+    assert consent.read_manifest(folder).deleted is not None
+    # and it stays out in later rounds
+    view, _ = _round(context, replace(recipe, seed=1), task)
+    assert view.report[P.DELETED] == 1 and PERSONAL_KEY not in context.state
+
+
+def test_personal_weights_tensor_values_do_not_survive_deletion(tmp_path):
+    """The erased weights are not hiding in any remaining record."""
+    task = get_task({"name": "swap", "width": 8})
+    recipe = P.Recipe(local_epochs=1.0, batch_size=4, device_storage=str(tmp_path), delta=1e-3)
+    context = _context()
+    _round(context, recipe, task)
+    personal = context.state[PERSONAL_KEY].to_torch_state_dict()
+    consent.write_manifest(tmp_path / "device-00001", consent.Manifest(delete_my_data=True))
+    _round(context, recipe, task)
+    remaining = [v for record in context.state.values() if hasattr(record, "to_torch_state_dict")
+                 for v in record.to_torch_state_dict().values()]
+    assert not any(torch.equal(v, w) for v in remaining for w in personal.values())
