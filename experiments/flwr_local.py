@@ -75,7 +75,12 @@ def main(overrides: list[str]) -> int:
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{(Path.cwd() / uri.removeprefix('sqlite:///')).resolve()}"
-    pinned = {"model.init": str(Path(resolve_init(cfg)).resolve()), "tracking.uri": uri}
+    # Paths the apps resolve must not depend on the SuperNode's working directory.
+    pinned = {"model.init": str(Path(resolve_init(cfg)).resolve()), "tracking.uri": uri,
+              "devices.storage_dir": str(Path(cfg.devices.storage_dir).resolve())}
+    for key in ("root", "controls_csv"):
+        if cfg.data.get(key):
+            pinned[f"data.{key}"] = str(Path(cfg.data[key]).resolve())
     run_overrides = [o for o in overrides if o.split("=", 1)[0] not in pinned]
     run_overrides += [f"{key}={value}" for key, value in pinned.items()]
     write_connection(home, cfg.fleet.num_devices, cfg.fleet.cpus_per_device)

@@ -56,6 +56,10 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
     spec = C.fleet_spec(cfg)
     init_path = resolve_init(cfg, log)
     checkpoint = load_checkpoint(init_path)
+    # Personal pieces the checkpoint does not hold (e.g. an adapter that
+    # pretraining never trains) start from their fresh initialisation.
+    personal_init = {**task.personal_state(task.build_model(spec.image_size)),
+                     **checkpoint["personal_init"]}
     plan = privacy_plan(cfg)
     recipe = C.recipe(cfg, plan.photo)
     f = cfg.fleet
@@ -75,13 +79,13 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
 
     loop = RoundLoop(grid, build_strategy(cfg), task, spec, settings,
                      P.round_config(recipe, C.task_params(cfg), spec),
-                     checkpoint["personal_init"], on_round)
+                     personal_init, on_round)
     try:
         result = loop.run(checkpoint["shared"])
         if result.stopped:
             log(f"stopped early: {result.stopped}")
             logger.set_tag("fedface.stopped", result.stopped)
-        logger.log_shared_model(result.shared, checkpoint["personal_init"])
+        logger.log_shared_model(result.shared, personal_init)
         logger.log_privacy_review(plan, result.history, result.devices, result.stopped)
     except BaseException:
         logger.end("FAILED")  # everything logged so far stays in MLflow

@@ -65,9 +65,11 @@ class PortraitTask(Task):
         self.hidden, self.adapter = int(hidden), bool(adapter)
         self.device_trains = tuple(f"{p}." for p in device_trains)
 
-    def architecture(self) -> dict[str, int | str | bool]:
+    def architecture(self) -> dict[str, int | str]:
+        # Not the adapter: it is personal, untouched by pretraining, and starts at
+        # the identity (runs fill it in), so one pretraining serves both settings.
         return {"name": self.name, "width": self.width, "code_dim": self.code_dim,
-                "id_dim": self.personal_dim, "hidden": self.hidden, "adapter": self.adapter}
+                "id_dim": self.personal_dim, "hidden": self.hidden}
 
     def build_model(self, image_size: int) -> PortraitModel:
         return PortraitModel(image_size, self.width, self.code_dim, self.personal_dim,
