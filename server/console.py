@@ -57,6 +57,9 @@ def format_round(rnd: int, rounds: int, m: dict[str, float]) -> str:
         parts.append(f"failed {int(m[K.DEVICES_FAILED])}")
     if m.get(K.CONSENT_DEVICES_OPTED_OUT):
         parts.append(f"opted out {int(m[K.CONSENT_DEVICES_OPTED_OUT])}")
+    if m.get(K.DATA_PHOTOS_SKIPPED) or m.get(K.DATA_DEVICES_EXCLUDED):
+        parts.append(f"files skipped {int(m.get(K.DATA_PHOTOS_SKIPPED, 0))}, devices excluded "
+                     f"{int(m.get(K.DATA_DEVICES_EXCLUDED, 0))}")
     if K.ROUND_SECONDS in m:
         parts.append(f"{m[K.ROUND_SECONDS]:.1f}s")
     return "  ".join(parts)
@@ -108,6 +111,10 @@ def format_summary(history: dict[int, dict[str, float]], plan: PrivacyPlan, run_
     quality += [f"new user     {final[key]:.2f} dB {key.removeprefix('quality/newuser_')} "
                 f"(pretrained: {first.get(key, float('nan')):.2f} dB)"
                 for key in NEWUSER_KEYS if key in final]
+    if final.get(K.DATA_PHOTOS_SKIPPED) or final.get(K.DATA_DEVICES_EXCLUDED):
+        quality.append(f"data         {int(final.get(K.DATA_PHOTOS_SKIPPED, 0))} files skipped, "
+                       f"{int(final.get(K.DATA_DEVICES_EXCLUDED, 0))} devices excluded: list "
+                       "them with `python -m experiments.check_data <the same overrides>`")
     return "\n".join([
         "",
         "== fedface run finished ==",

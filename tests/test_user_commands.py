@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from experiments import check_data, export_data
 from experiments import consent as consent_cli
-from experiments import export_data
 from fl.data import consent
+from tests.data.datasets import add_broken_files
 
 
 def test_consent_command_grants_revokes_and_deletes(tmp_path, capsys):
@@ -34,3 +35,17 @@ def test_export_command_writes_a_loadable_layout(tmp_path):
                              "2", "--photos", "3"]) == 0
     assert len(list((tmp_path / "f").glob("Person_*/*.jpg"))) == 6
     assert (tmp_path / "f" / "controls.csv").is_file()
+
+
+def test_check_data_lists_what_devices_would_skip(tmp_path, capsys):
+    root = tmp_path / "lfw"
+    export_data.main(["--layout", "folders", "--out", str(root), "--people", "2", "--photos", "6"])
+    add_broken_files(root / "Person_0000", root / "Person_0000" / "Person_0000_0001.jpg")
+    code = check_data.main(["data=folders", f"data.root={root}", "data.photos_min=3",
+                            "data.heldout_photos=2", "devices.consent_default=deny",
+                            "fleet.devices_per_round=1", "fleet.eval_devices=1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "device-00000  skipped    Person_0000/notes.txt: not an image file" in out
+    assert "converted  Person_0000/cmyk.jpg: CMYK to RGB" in out
+    assert "2 devices (folders): 4 files skipped, 4 converted, 0 devices excluded" in out

@@ -1,9 +1,10 @@
 """The fleet's data spec, and the SynthFaces fleet: one device = one user = one identity.
 
 A SynthFaces device regenerates its own photos from ``(seed, device index)``;
-nothing about a device's photos ever has to be sent anywhere. Public identities (for pretraining,
-server-side evaluation and "film clips") live in a disjoint id range, so device
-identities can never enter pretraining or the server's evaluation by accident.
+nothing about a device's photos ever has to be sent anywhere. Public identities
+(for pretraining, server-side evaluation and "film clips") live in a disjoint id
+range, so device identities can never enter pretraining or the server's
+evaluation by accident.
 """
 
 from __future__ import annotations

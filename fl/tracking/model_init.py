@@ -7,9 +7,9 @@
   by URI from another machine.
 * a path to a checkpoint file;
 * an MLflow artifact URI of one: ``runs:/<run id>/pretrain/checkpoint.pt``, a
-  federated run's ``runs:/<run id>/model/shared.pt``, ``models:/...``,
-  ``mlflow-artifacts:/...``. It is downloaded through the configured tracking
-  server into the pretraining cache.
+  federated run's ``runs:/<run id>/model/shared.pt``, or any artifact URI that
+  resolves to exactly one ``.pt`` file. It is downloaded through the configured
+  tracking server into the pretraining cache.
 """
 
 from __future__ import annotations

@@ -22,13 +22,16 @@ from fl.tracking import keys as K
 
 # What leaves a device besides the DP-protected shared weights.
 RELEASED_WITHOUT_DP = {
-    "evaluation metrics (swap/recon PSNR and SSIM on held-out photos, with the personal "
-    "part)": "not covered by DP",
+    "evaluation metrics (the task's PSNR/SSIM on held-out photos or the public benchmark, "
+    "with the personal part)": "not covered by DP",
     "number of training photos (num-examples) and held-out photos": "not covered by DP",
     "training loss of the round": "not covered by DP",
     "status (trained / budget exhausted), participations, DP-SGD steps, sample rate, "
     "photo-level epsilon": "not covered by DP (functions of the photo count and the schedule)",
     "device index (roll call)": "pseudonymous; not covered by DP",
+    "consent and data counts (photos used, withdrawn, skipped, converted; opted out, "
+    "deleted, excluded) and a one-line reason when the device did not train":
+        "not covered by DP; counts only, never photo ids or file names",
 }
 
 

@@ -28,6 +28,7 @@ class ChangeBeforeRound:
 
     def __init__(self, grid, at_round: int, change) -> None:
         self.grid, self.at_round, self.change, self.sampled = grid, at_round, change, {}
+        self.replies = []
 
     def send_and_receive(self, messages, timeout=None):
         messages = list(messages)
@@ -36,7 +37,9 @@ class ChangeBeforeRound:
             self.sampled[rnd] = len(messages)
             if rnd == self.at_round:
                 self.change()
-        return self.grid.send_and_receive(messages, timeout=timeout)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.replies.extend(replies)
+        return replies
 
     def __getattr__(self, name):
         return getattr(self.grid, name)
@@ -90,6 +93,13 @@ def test_revocation_and_deletion_take_effect_at_the_next_round(tiny_overrides, t
     assert rows["device-00002"]["participations"] == 1
     assert rows["device-00002"]["epsilon"] > 0
     assert "deleted their data" in rows["device-00002"]["status"]
+    # devices that sat out said why in one line, naming no photo
+    reasons = [str(r.content[P.STATUS][P.REASON]) for r in grids["g"].replies
+               if P.STATUS in r.content]
+    assert "the user deleted their data" in reasons
+    assert all(set(r.content[P.STATUS]) == {P.REASON} for r in grids["g"].replies
+               if P.STATUS in r.content)
+    assert not any("photo-" in reason for reason in reasons)
 
 
 def test_folders_dataset_with_broken_files_runs_and_reports_them(tiny_overrides, tmp_path,

@@ -168,6 +168,7 @@ def test_nothing_personal_or_image_shaped_leaves_a_device(finished_run):
     for reply in replies:
         assert not reply.has_error(), reply.error
         for name, record in reply.content.items():
+            # (P.STATUS, a one-line reason, only comes from devices that sit out; none here)
             assert name in (P.ARRAYS, P.METRICS), f"unexpected record {name!r} in a reply"
             if isinstance(record, ArrayRecord):
                 # exactly the model's shared weights: no personal part, nothing extra
