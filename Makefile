@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedface-installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test install bench lint clean
+.PHONY: run test install bench lint clean deploy-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+deploy-demo: $(STAMP)
+	$(PY) -m experiments.deploy_demo
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench

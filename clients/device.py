@@ -14,7 +14,7 @@ The report that goes back to the server holds counts only, never photo ids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from fl.data.device_data import DeviceData, forget, load_device_data
 from fl.data.fleet import FleetSpec
 from fl.tasks.base import Task
 
-DEVICE_DIR_KEY = "device-dir"  # node config: a real device's own directory
+DATA_DIR_KEY = "data-dir"  # node config of a real device: its photos and consent.json
 
 
 def device_index(context: Context) -> int:
@@ -41,10 +41,18 @@ def device_index(context: Context) -> int:
 
 
 def device_dir(context: Context, recipe: P.Recipe) -> Path:
-    """The device's own directory (consent manifest; later its state)."""
-    if DEVICE_DIR_KEY in context.node_config:
-        return Path(str(context.node_config[DEVICE_DIR_KEY]))
+    """Where the device's consent manifest lives: a real device's ``data-dir``, or
+    its directory under ``devices.storage_dir`` in simulation."""
+    if DATA_DIR_KEY in context.node_config:
+        return Path(str(context.node_config[DATA_DIR_KEY]))
     return Path(recipe.device_storage) / f"device-{device_index(context):05d}"
+
+
+def device_spec(context: Context, spec: FleetSpec) -> FleetSpec:
+    """``data=device``: this device's photos are in its own ``data-dir``."""
+    if spec.source == "device":
+        return replace(spec, root=str(context.node_config.get(DATA_DIR_KEY, "")))
+    return spec
 
 
 @dataclass
@@ -74,7 +82,7 @@ def erase(context: Context, spec: FleetSpec, device: int, folder: Path,
 
 
 def open_device(context: Context, spec: FleetSpec, recipe: P.Recipe, task: Task) -> DeviceView:
-    device = device_index(context)
+    device, spec = device_index(context), device_spec(context, spec)
     folder = device_dir(context, recipe)
     manifest, error = None, ""
     try:

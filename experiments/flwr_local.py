@@ -66,32 +66,49 @@ def stop_superlink(home: Path, grace: float = 10.0) -> list[int]:
     return pids
 
 
-def main(overrides: list[str]) -> int:
+def run_overrides(overrides: list[str]) -> list[str]:
+    """The Hydra overrides for a ServerApp started by ``flwr run``: validated, with
+    the pretraining done here (so the ServerApp finds the checkpoint) and every
+    path the apps resolve made absolute (their working directory is Flower's)."""
     from fl.tracking.model_init import resolve_init
 
     cfg = compose(overrides)
     validate(cfg)
-    home = Path(os.environ.get("FLWR_HOME", REPO / ".flwr-home")).resolve()
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{(Path.cwd() / uri.removeprefix('sqlite:///')).resolve()}"
-    # Paths the apps resolve must not depend on the SuperNode's working directory.
     pinned = {"model.init": str(Path(resolve_init(cfg)).resolve()), "tracking.uri": uri,
               "devices.storage_dir": str(Path(cfg.devices.storage_dir).resolve())}
     for key in ("root", "controls_csv"):
         if cfg.data.get(key):
             pinned[f"data.{key}"] = str(Path(cfg.data[key]).resolve())
-    run_overrides = [o for o in overrides if o.split("=", 1)[0] not in pinned]
-    run_overrides += [f"{key}={value}" for key, value in pinned.items()]
-    write_connection(home, cfg.fleet.num_devices, cfg.fleet.cpus_per_device)
-    # Use this environment's Flower even when it is not activated: `flwr` starts
-    # `flower-superlink` by name, so its directory goes first on PATH.
+    kept = [o for o in overrides if o.split("=", 1)[0] not in pinned]
+    return kept + [f"{key}={value}" for key, value in pinned.items()]
+
+
+def flwr_env(home: Path) -> dict[str, str]:
+    """This environment's Flower even when it is not activated: ``flwr`` and the
+    SuperLink start Flower's other executables by name, so its bin goes first on PATH."""
     bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, FLWR_HOME=str(home),
-               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
-    joined = " ".join(run_overrides)  # one TOML string; the ServerApp splits it with shlex
-    command = [str(bin_dir / "flwr"), "run", str(REPO), "--stream", "--run-config",
-               f"overrides={joined!r}"]
+    return dict(os.environ, FLWR_HOME=str(home),
+                PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def flwr_run_command(connection: str | None, overrides: list[str]) -> list[str]:
+    joined = " ".join(overrides)  # one TOML string; the ServerApp splits it with shlex
+    return [str(Path(sys.executable).parent / "flwr"), "run", str(REPO),
+            *([connection] if connection else []), "--stream", "--run-config",
+            f"overrides={joined!r}"]
+
+
+def main(overrides: list[str]) -> int:
+    home = Path(os.environ.get("FLWR_HOME", REPO / ".flwr-home")).resolve()
+    pinned = run_overrides(overrides)
+    cfg = compose(pinned)
+    validate(cfg)  # sizes an on-disk fleet
+    write_connection(home, cfg.fleet.num_devices, cfg.fleet.cpus_per_device)
+    env = flwr_env(home)
+    command = flwr_run_command(None, pinned)
     say(f"FLWR_HOME={home}\n$ {' '.join(shlex.quote(c) for c in command)}")
     try:
         return subprocess.run(command, env=env, check=False).returncode

@@ -106,8 +106,9 @@ def _validate_source(cfg: DictConfig) -> None:
              cfg.devices.consent_default, f"one of {[*DEFAULTS, 'auto']}")
     if d.source == "synthfaces":
         return
-    _require(bool(d.root) and Path(str(d.root)).is_dir(), "data.root", d.root,
-             f"the directory holding the {d.source} dataset")
+    if d.source != "device":  # data=device: each device reads its own data-dir
+        _require(bool(d.root) and Path(str(d.root)).is_dir(), "data.root", d.root,
+                 f"the directory holding the {d.source} dataset")
     _require(cfg.devices.consent_default in DEFAULTS, "devices.consent_default",
              cfg.devices.consent_default,
              f"grant or deny: data={d.source} reads real people's photos, so say whether "
@@ -125,7 +126,7 @@ def resolve_fleet(cfg: DictConfig) -> int:
     """Size the fleet by the data: an on-disk dataset has as many devices as
     identities with enough photos, and ``fleet.num_devices`` caps that number.
     Sets ``fleet.num_devices`` to the size used and returns it."""
-    if cfg.data.source != "synthfaces":
+    if cfg.data.source not in ("synthfaces", "device"):
         available = available_devices(fleet_spec(cfg, num_devices=10**9))
         if available == 0:
             raise ConfigError(

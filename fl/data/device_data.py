@@ -92,7 +92,7 @@ def _source(name: str) -> Source:
 
 
 def _import_sources() -> None:
-    from fl.data import celeba, fleet, folders  # noqa: F401  (they register themselves)
+    from fl.data import celeba, fleet, folders, own_folder  # noqa: F401  (they register themselves)
 
 
 def available_devices(spec) -> int:

@@ -1,0 +1,197 @@
+"""A real deployment on localhost: TLS SuperLink, authenticated SuperNodes, ``flwr run``.
+
+    python -m experiments.deploy_demo [hydra overrides]      (or: make deploy-demo)
+
+Everything Flower's deployment engine needs, started and stopped by this command:
+
+1. credentials (``fl.deploy.certs``): a CA, the SuperLink's certificate for
+   localhost, and one EC key pair per SuperNode;
+2. three devices, each with its own data directory (its owner's photos, written
+   from SynthFaces, and a consent manifest granting them) and its own state
+   directory (personal weights and photo-level ledger);
+3. a SuperLink with TLS and SuperNode authentication on, the three public keys
+   registered with ``flwr supernode register``, and three SuperNodes started with
+   ``--node-config "partition-id=<i> data-dir=<...> state-dir=<...>"``;
+4. a short experiment (``data=device``) with ``flwr run`` against that SuperLink;
+5. every process it started is stopped by process id, and the MLflow run printed.
+
+Its working directory is ``.fedface-deploy/`` (``FEDFACE_DEPLOY_DIR`` to move it),
+with the Flower home, logs and the devices' directories. docs/deployment.md walks
+through the same steps on several machines.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from experiments.flwr_local import REPO, flwr_env, flwr_run_command, run_overrides
+from fl.console import say
+from fl.data import consent
+from fl.data.export import export_folders
+from fl.deploy.certs import make_ca, make_node_keys, make_server_cert
+
+CONNECTION = "fedface-demo"
+NUM_DEVICES = 3
+DEMO_OVERRIDES = [
+    "data=device", "devices.consent_default=deny", f"fleet.num_devices={NUM_DEVICES}",
+    f"fleet.devices_per_round={NUM_DEVICES}", "fleet.sampling=fixed", "fleet.rounds=2",
+    f"fleet.eval_devices={NUM_DEVICES}", "fleet.round_timeout=120", "data.photos_min=10",
+    "data.photos_max=20", "data.heldout_photos=2", "tracking.experiment_name=fedface-deploy",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+@dataclass
+class Deployment:
+    """The processes of a local deployment; ``stop()`` ends exactly these."""
+
+    work: Path
+    env: dict[str, str]
+    port: int = field(default_factory=free_port)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def certs(self) -> Path:
+        return self.work / "certs"
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        """A process in its own session (its children can be stopped with it)."""
+        log = (self.work / "logs" / f"{name}.log").open("w")
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                cwd=self.work, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_superlink(self) -> None:
+        c = self.certs
+        self.start("superlink", [
+            "flower-superlink", "--ssl-ca-certfile", str(c / "ca.crt"),
+            "--ssl-certfile", str(c / "server.pem"), "--ssl-keyfile", str(c / "server.key"),
+            "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(self.port),
+            # The apps run in this environment: no per-run installs (torch from an
+            # unpinned resolver would be gigabytes of CUDA wheels).
+            "--disable-runtime-dependency-installation",
+            "--database", str(self.work / "superlink.db")])
+        wait_for_port(self.port)
+
+    def register(self, name: str) -> None:
+        done = subprocess.run(["flwr", "supernode", "register", str(self.certs / f"{name}.pub"),
+                               CONNECTION], env=self.env, capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"registering {name} failed: {done.stdout}{done.stderr}")
+
+    def start_supernode(self, name: str, index: int, data_dir: Path, state_dir: Path,
+                        key: str | None = None, ca: bool = True,
+                        retries: int | None = None) -> subprocess.Popen:
+        key = key or name
+        command = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
+                   "--auth-supernode-private-key", str(self.certs / f"{key}.key"),
+                   "--auth-supernode-public-key", str(self.certs / f"{key}.pub"),
+                   "--node-config",
+                   f'partition-id={index} data-dir="{data_dir}" state-dir="{state_dir}"',
+                   "--port", str(free_port())]
+        if ca:
+            command += ["--root-certificates", str(self.certs / "ca.crt")]
+        if retries is not None:
+            command += ["--max-retries", str(retries), "--max-wait-time", "30"]
+        return self.start(name, command)
+
+    def stop(self, name: str | None = None, grace: float = 10.0) -> list[int]:
+        """Stop the named process (or all), with everything it started, by pid."""
+        names = [name] if name else list(self.procs)
+        stopped = []
+        for n in names:
+            proc = self.procs.pop(n)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(grace)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            stopped.append(proc.pid)
+        return stopped
+
+
+def prepare(work: Path, photos: int = 14) -> list[tuple[str, Path, Path]]:
+    """Credentials, Flower connection, and each device's own data and state dirs."""
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "logs").mkdir(parents=True)
+    certs = work / "certs"
+    make_ca(certs)
+    make_server_cert(certs, ["localhost", "127.0.0.1"])
+    export = export_folders(work / "export", people=NUM_DEVICES, photos=photos)
+    devices = []
+    for i in range(NUM_DEVICES):
+        name = f"device-{i:05d}"
+        make_node_keys(certs, name)
+        data_dir, state_dir = work / "devices" / name / "data", work / "devices" / name / "state"
+        shutil.copytree(export / f"Person_{i:04d}", data_dir)
+        manifest = consent.Manifest()
+        manifest.grant(sorted(p.name for p in data_dir.iterdir()), now=datetime.now(UTC))
+        consent.write_manifest(data_dir, manifest)  # the owner consents to all their photos
+        devices.append((name, data_dir, state_dir))
+    shutil.rmtree(export)
+    make_node_keys(certs, "unregistered")
+    return devices
+
+
+def write_connection(home: Path, port: int, ca: Path) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{ca}"\n', encoding="utf-8")
+
+
+def main(overrides: list[str]) -> int:
+    work = Path(os.environ.get("FEDFACE_DEPLOY_DIR", REPO / ".fedface-deploy")).resolve()
+    devices = prepare(work)
+    pinned = run_overrides([*DEMO_OVERRIDES, *overrides])
+    home = work / "flwr-home"
+    deployment = Deployment(work, flwr_env(home))
+    write_connection(home, deployment.port, deployment.certs / "ca.crt")
+    try:
+        deployment.start_superlink()
+        for i, (name, data_dir, state_dir) in enumerate(devices):
+            deployment.register(name)
+            deployment.start_supernode(name, i, data_dir, state_dir)
+        say(f"SuperLink (TLS, SuperNode authentication) on 127.0.0.1:{deployment.port}, "
+            f"{len(devices)} SuperNodes; logs in {work / 'logs'}")
+        code = subprocess.run(flwr_run_command(CONNECTION, pinned), env=deployment.env,
+                              cwd=REPO, check=False).returncode
+    finally:
+        stopped = deployment.stop()
+        say(f"stopped {len(stopped)} processes (pids {', '.join(map(str, stopped))})")
+    uri = next(o.split("=", 1)[1] for o in pinned if o.startswith("tracking.uri="))
+    say(f"MLflow: experiment 'fedface-deploy' at {uri}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

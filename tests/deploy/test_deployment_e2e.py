@@ -1,0 +1,139 @@
+"""A real deployment on localhost: TLS SuperLink with SuperNode authentication,
+three registered SuperNodes over their own data and state directories, ``flwr run``.
+
+One deployment serves every check (each SuperNode start costs seconds): the run
+completes with the same MLflow keys as a simulation of the same photos; a SuperNode
+with an unregistered key and one without the CA certificate are refused; a
+SuperNode killed mid-run is counted in ``fleet/devices_failed`` and the run goes
+on; the photo-level ledgers are on the devices' disks; nothing is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from experiments.deploy_demo import (
+    CONNECTION,
+    DEMO_OVERRIDES,
+    Deployment,
+    prepare,
+    write_connection,
+)
+from experiments.flwr_local import REPO, flwr_env, flwr_run_command, run_overrides
+from fl.config import compose
+from fl.tracking import keys as K
+from server.simulation import simulate
+
+pytestmark = pytest.mark.slow
+TINY = ["task.width=8", "pretrain.steps=5", "pretrain.batch_size=4", "data.num_public=8",
+        "data.clip_length=3", "task.eval_clips=1", "fleet.newuser_identities=1",
+        "fleet.newuser_steps=3", "local.epochs=1", "local.batch_size=4",
+        "privacy.photo.delta=1e-3", "privacy.user.delta=1e-2"]
+
+
+def _metric_steps(client, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+@pytest.fixture(scope="module")
+def deployment_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("deploy")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    devices = prepare(work / "fleet")
+    home = work / "flwr-home"
+    overrides = run_overrides([*DEMO_OVERRIDES, *TINY, "fleet.rounds=2",
+                               "fleet.round_timeout=60", f"tracking.uri={uri}",
+                               f"pretrain.cache_dir={work / 'cache'}"])
+    deployment = Deployment(work / "fleet", flwr_env(home))
+    write_connection(home, deployment.port, deployment.certs / "ca.crt")
+    result = {"devices": devices, "uri": uri}
+    try:
+        deployment.start_superlink()
+        for i, (name, data_dir, state_dir) in enumerate(devices):
+            deployment.register(name)
+            deployment.start_supernode(name, i, data_dir, state_dir)
+        _, data_dir, state_dir = devices[0]
+        rogue = deployment.start_supernode("rogue", 9, data_dir, work / "rogue-state",
+                                           key="unregistered", retries=1)
+        no_ca = deployment.start_supernode("no-ca", 8, data_dir, work / "no-ca-state",
+                                           key=devices[1][0], ca=False, retries=1)
+        run = subprocess.Popen(flwr_run_command(CONNECTION, overrides), env=deployment.env,
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+        # Kill device 2's SuperNode once round 1's results are in MLflow.
+        client, deadline = mlflow.MlflowClient(uri), time.time() + 600
+        while time.time() < deadline and run.poll() is None:
+            runs = []
+            experiment = client.get_experiment_by_name("fedface-deploy") if Path(
+                work / "mlflow.db").exists() else None
+            if experiment:
+                runs = client.search_runs([experiment.experiment_id])
+            if runs and 1 in _metric_steps(client, runs[0].info.run_id, K.DEVICES_TRAINED):
+                result["killed"] = deployment.stop(devices[2][0])
+                break
+            time.sleep(2)
+        result["output"] = run.communicate(timeout=600)[0]
+        result["code"] = run.returncode
+        result["rogue"] = (rogue.wait(120), (work / "fleet/logs/rogue.log").read_text())
+        result["no_ca"] = (no_ca.wait(120), (work / "fleet/logs/no-ca.log").read_text())
+    finally:
+        result["stopped"] = deployment.stop()
+    return result
+
+
+def test_the_deployed_run_completes_with_the_simulation_metric_keys(deployment_run, tmp_path):
+    r = deployment_run
+    assert r["code"] == 0, r["output"][-4000:]
+    client = mlflow.MlflowClient(r["uri"])
+    experiment = client.get_experiment_by_name("fedface-deploy")
+    run = client.search_runs([experiment.experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    # the same photos, simulated: the same metric keys
+    root = tmp_path / "same-photos"
+    for name, data_dir, _ in r["devices"]:
+        (root / name).mkdir(parents=True)
+        for photo in data_dir.glob("*.jpg"):
+            (root / name / photo.name).write_bytes(photo.read_bytes())
+    sim_uri = f"sqlite:///{tmp_path / 'sim.db'}"
+    overrides = [o for o in DEMO_OVERRIDES if not o.startswith(("data=", "devices."))]
+    summary = simulate(compose([*overrides, *TINY, "data=folders", f"data.root={root}",
+                                "devices.consent_default=grant", "fleet.rounds=2",
+                                f"tracking.uri={sim_uri}", f"devices.storage_dir={tmp_path}",
+                                f"pretrain.cache_dir={tmp_path / 'cache'}"]))
+    simulated = mlflow.MlflowClient(sim_uri).get_run(summary.run_id).data.metrics
+    assert set(run.data.metrics) == set(simulated)
+    assert _metric_steps(client, run.info.run_id, K.DEVICES_TRAINED)[1] == 3
+
+
+def test_unregistered_supernodes_and_clients_without_the_ca_are_refused(deployment_run):
+    code, log = deployment_run["rogue"]
+    assert code != 0 and "Failed to activate SuperNode" in log
+    code, log = deployment_run["no_ca"]
+    assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in log
+
+
+def test_a_device_dropping_out_is_counted_and_the_run_goes_on(deployment_run):
+    r = deployment_run
+    assert r.get("killed"), "device 2 was never stopped"
+    client = mlflow.MlflowClient(r["uri"])
+    run = client.search_runs([client.get_experiment_by_name("fedface-deploy").experiment_id])[0]
+    failed = _metric_steps(client, run.info.run_id, K.DEVICES_FAILED)
+    trained = _metric_steps(client, run.info.run_id, K.DEVICES_TRAINED)
+    assert failed[1] == 0 and failed[2] == 1 and trained[2] == 2
+
+
+def test_ledgers_live_on_the_devices_disks_and_nothing_is_left_running(deployment_run):
+    for name, _, state_dir in deployment_run["devices"]:
+        ledger = json.loads((state_dir / "ledger.json").read_text())
+        expected = 1 if name == "device-00002" else 2
+        assert ledger["participations"] == expected and sum(ledger["steps"]) > 0
+        assert (state_dir / "personal.pt").is_file()
+    for pid in deployment_run["stopped"]:
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
