@@ -189,8 +189,23 @@ def main(overrides: list[str]) -> int:
         stopped = deployment.stop()
         say(f"stopped {len(stopped)} processes (pids {', '.join(map(str, stopped))})")
     uri = next(o.split("=", 1)[1] for o in pinned if o.startswith("tracking.uri="))
-    say(f"MLflow: experiment 'fedface-deploy' at {uri}")
+    say(latest_run(uri, "fedface-deploy"))
     return code
+
+
+def latest_run(uri: str, experiment_name: str) -> str:
+    """Where to look: the newest MLflow run of the demo's experiment."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    runs = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"],
+                              max_results=1) if experiment else []
+    if not runs:
+        return f"no MLflow run in experiment {experiment_name!r} at {uri}; see the logs above"
+    run = runs[0]
+    return (f"MLflow run {run.info.run_id} ({run.info.status}) in experiment "
+            f"{experiment_name!r}: mlflow ui --backend-store-uri {uri}")
 
 
 if __name__ == "__main__":

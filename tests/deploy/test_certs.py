@@ -34,3 +34,16 @@ def test_supernode_keys_are_openssh_ec_pairs(tmp_path):
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
     assert pub.public_numbers() == key.public_key().public_numbers()
     assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
+
+
+def test_make_certs_command_writes_everything_a_deployment_needs(tmp_path):
+    from experiments import make_certs
+
+    assert make_certs.main(["--out", str(tmp_path), "--hosts", "link.example.org", "10.0.0.5",
+                            "--devices", "2"]) == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"ca.crt", "ca.key", "server.pem", "server.key", "device-00000.key",
+                     "device-00000.pub", "device-00001.key", "device-00001.pub"}
+    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["link.example.org"]
