@@ -1,8 +1,8 @@
 """The fedface ClientApp: one device, its consented photos, its private state.
 
 Each round a sampled device opens its photos through consent
-(``clients.device``), restores its personal part and photo-level ledger from
-``context.state``, fine-tunes under DP-SGD, saves them back, and replies with
+(``clients.device``), restores its personal part and photo-level ledger from its
+own store (``clients.device_state``), fine-tunes under DP-SGD, saves them back, and replies with
 the device-trained *shared* weights and scalar metrics only.
 """
 
@@ -49,7 +49,7 @@ def _prepare(msg: Message, context: Context):
     return recipe, task, fleet, view, model
 
 
-def _reply(msg: Message, metrics: dict, view: DeviceView) -> RecordDict:
+def _reply(metrics: dict, view: DeviceView) -> RecordDict:
     content = RecordDict({P.METRICS: MetricRecord(metrics | view.report)})
     if view.reason:
         content[P.STATUS] = ConfigRecord({P.REASON: view.reason})
@@ -93,7 +93,7 @@ def train(msg: Message, context: Context) -> Message:
         P.SAMPLE_RATE: rate,
         P.PHOTOS_USED: used,
     }
-    content = _reply(msg, metrics, view)
+    content = _reply(metrics, view)
     if trained:
         save_personal(context, model, task)
         save_ledger(context, ledger)
@@ -116,4 +116,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     if view.can_evaluate:
         metrics |= task.evaluate_device(model, view.data, fleet)
         metrics[P.WEIGHT_KEY] = len(view.data.heldout)
-    return Message(content=_reply(msg, metrics, view), reply_to=msg)
+    return Message(content=_reply(metrics, view), reply_to=msg)

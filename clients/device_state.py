@@ -33,8 +33,11 @@ class ContextStore:
     def __init__(self, context: Context) -> None:
         self.state = context.state
 
+    def has_personal(self) -> bool:
+        return PERSONAL_KEY in self.state
+
     def personal(self) -> dict[str, torch.Tensor] | None:
-        return self.state[PERSONAL_KEY].to_torch_state_dict() if PERSONAL_KEY in self.state else None
+        return self.state[PERSONAL_KEY].to_torch_state_dict() if self.has_personal() else None
 
     def put_personal(self, weights: dict[str, torch.Tensor]) -> None:
         self.state[PERSONAL_KEY] = ArrayRecord(weights)
@@ -62,6 +65,9 @@ class DirectoryStore:
         write(tmp)
         tmp.replace(self.folder / name)
 
+    def has_personal(self) -> bool:
+        return (self.folder / PERSONAL_FILE).is_file()
+
     def personal(self) -> dict[str, torch.Tensor] | None:
         path = self.folder / PERSONAL_FILE
         return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
@@ -87,7 +93,7 @@ def store(context: Context) -> ContextStore | DirectoryStore:
 
 
 def has_personal_state(context: Context) -> bool:
-    return store(context).personal() is not None
+    return store(context).has_personal()
 
 
 def load_personal(context: Context, model: nn.Module, task: Task,

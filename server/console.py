@@ -108,9 +108,10 @@ def format_summary(history: dict[int, dict[str, float]], plan: PrivacyPlan, run_
     for key, label in ((K.SWAP_SSIM, "swap SSIM"), (K.PORTRAIT_SSIM, "portrait SSIM")):
         if key in final:
             quality.append(f"{label:<12} {final[key]:.3f}")
-    quality += [f"new user     {final[key]:.2f} dB {key.removeprefix('quality/newuser_')} "
-                f"(pretrained: {first.get(key, float('nan')):.2f} dB)"
-                for key in NEWUSER_KEYS if key in final]
+    quality += [f"new user     {final[key]:.2f} dB {task} PSNR (pretrained: "
+                f"{first.get(key, float('nan')):.2f} dB)"
+                for task, key in (("swap", K.NEWUSER_SWAP_PSNR),
+                                  ("portrait", K.NEWUSER_PORTRAIT_PSNR)) if key in final]
     if final.get(K.DATA_PHOTOS_SKIPPED) or final.get(K.DATA_DEVICES_EXCLUDED):
         quality.append(f"data         {int(final.get(K.DATA_PHOTOS_SKIPPED, 0))} files skipped, "
                        f"{int(final.get(K.DATA_DEVICES_EXCLUDED, 0))} devices excluded: list "
