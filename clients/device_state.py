@@ -12,13 +12,13 @@ server's checkpoint, not in MLflow. Two stores, one interface:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import nn
 
+from fl.atomic import atomic_write
 from fl.privacy.ledger import PhotoLedger
 from fl.tasks.base import Task
 
@@ -59,12 +59,6 @@ class DirectoryStore:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
 
-    def _write(self, name: str, write) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{name}.{os.getpid()}.tmp"
-        write(tmp)
-        tmp.replace(self.folder / name)
-
     def has_personal(self) -> bool:
         return (self.folder / PERSONAL_FILE).is_file()
 
@@ -73,7 +67,7 @@ class DirectoryStore:
         return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
     def put_personal(self, weights: dict[str, torch.Tensor]) -> None:
-        self._write(PERSONAL_FILE, lambda tmp: torch.save(weights, tmp))
+        atomic_write(self.folder / PERSONAL_FILE, lambda tmp: torch.save(weights, tmp))
 
     def erase_personal(self) -> None:
         (self.folder / PERSONAL_FILE).unlink(missing_ok=True)
@@ -83,7 +77,7 @@ class DirectoryStore:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def put_ledger(self, config: dict) -> None:
-        self._write(LEDGER_FILE, lambda tmp: tmp.write_text(json.dumps(config)))
+        atomic_write(self.folder / LEDGER_FILE, lambda tmp: tmp.write_text(json.dumps(config)))
 
 
 def store(context: Context) -> ContextStore | DirectoryStore:

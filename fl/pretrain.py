@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fl.atomic import atomic_write
 from fl.console import say
 from fl.data.fleet import FleetSpec
 from fl.tasks.base import Task
@@ -71,13 +72,8 @@ def pretrain(task: Task, spec: FleetSpec, steps: int, batch_size: int, lr: float
 def save_checkpoint(path: str | Path, shared: dict[str, torch.Tensor],
                     personal_init: dict[str, torch.Tensor]) -> Path:
     """Write a checkpoint atomically: an interrupted run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "shared": shared, "personal_init": personal_init},
-               tmp)
-    tmp.replace(path)
-    return path
+    checkpoint = {"format": CHECKPOINT_FORMAT, "shared": shared, "personal_init": personal_init}
+    return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -29,11 +29,12 @@ what was already released stays released and the accounting must stay honest.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+from fl.atomic import atomic_write
 
 MANIFEST = "consent.json"
 FORMAT = 1
@@ -146,12 +147,8 @@ def read_manifest(device_dir: str | Path) -> Manifest | None:
 
 def write_manifest(device_dir: str | Path, manifest: Manifest) -> Path:
     """Write atomically: a crash mid-write never leaves a half manifest behind."""
-    path = manifest_path(device_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(manifest.to_json())
-    tmp.replace(path)
-    return path
+    text = manifest.to_json()
+    return atomic_write(manifest_path(device_dir), lambda tmp: tmp.write_text(text))
 
 
 @dataclass(frozen=True)

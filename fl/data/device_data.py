@@ -188,6 +188,20 @@ def load_files(spec, files: Sequence[PhotoFile], label: str,
         skipped=tuple(skipped), converted=tuple(converted))
 
 
+def load_labelled(spec, root: Path, names: Sequence[str],
+                  labels: dict[str, tuple[float, ...]] | None, csv_name: str,
+                  label: str) -> DeviceData:
+    """``load_files`` for photos ``root/<name>`` with controls from a CSV (if any):
+    a photo the CSV leaves out is skipped with the reason, never guessed."""
+    files, unlabelled = [], []
+    for name in names:
+        if labels is not None and name not in labels:
+            unlabelled.append((name, f"no row in {csv_name}"))
+            continue
+        files.append(PhotoFile(name, root / name, labels[name] if labels else None))
+    return load_files(spec, files, label, tuple(unlabelled))
+
+
 def _controls(images: np.ndarray, labels: list, label: str) -> np.ndarray | None:
     """Labelled controls, with light direction estimated from the image where unlabelled."""
     if any(c is None for c in labels):

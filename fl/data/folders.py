@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from fl.data.controls import CONTROL_NAMES
-from fl.data.device_data import DeviceData, PhotoFile, load_files, register_source
+from fl.data.device_data import DeviceData, load_labelled, register_source
 
 REQUIRED_COLUMNS = ("file", "yaw", "pitch", "smile")
 
@@ -76,13 +76,8 @@ def _load(spec, device: int) -> DeviceData:
     root = Path(spec.root)
     person = eligible(spec.root, spec.photos_min + spec.heldout_photos)[device]
     labels = read_controls(spec.controls_csv) if spec.controls_csv else None
-    files, unlabelled = [], []
-    for name in folders(spec.root)[person]:
-        if labels is not None and name not in labels:
-            unlabelled.append((name, "no row in data.controls_csv"))
-            continue
-        files.append(PhotoFile(name, root / name, labels[name] if labels else None))
-    return load_files(spec, files, f"folders device {device}", tuple(unlabelled))
+    return load_labelled(spec, root, folders(spec.root)[person], labels, "data.controls_csv",
+                         f"folders device {device}")
 
 
 register_source("folders", _count, _load)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fl.data.device_data import DeviceData, PhotoFile, load_files, register_source
+from fl.data.device_data import DeviceData, load_labelled, register_source
 from fl.data.folders import read_controls
 
 CONTROLS_FILE = "controls.csv"
@@ -32,14 +32,9 @@ def _load(spec, device: int) -> DeviceData:
             f"data=device reads the device's own photo directory, and {spec.root!r} is not "
             "one; start the SuperNode with --node-config \"data-dir=/path/to/photos\"")
     labels = read_controls(str(root / CONTROLS_FILE)) if (root / CONTROLS_FILE).is_file() else None
-    files, unlabelled = [], []
-    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
-                       and p.name not in NOT_PHOTOS):
-        if labels is not None and path.name not in labels:
-            unlabelled.append((path.name, f"no row in {CONTROLS_FILE}"))
-            continue
-        files.append(PhotoFile(path.name, path, labels[path.name] if labels else None))
-    return load_files(spec, files, f"device {device}", tuple(unlabelled))
+    names = sorted(p.name for p in root.iterdir() if p.is_file()
+                   and not p.name.startswith(".") and p.name not in NOT_PHOTOS)
+    return load_labelled(spec, root, names, labels, CONTROLS_FILE, f"device {device}")
 
 
 register_source("device", lambda spec: spec.num_devices, _load)
