@@ -16,13 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clients.device import DeviceView, device_index, open_device
-from clients.device_state import (
-    has_personal_state,
-    load_ledger,
-    load_personal,
-    save_ledger,
-    save_personal,
-)
+from clients.device_state import device_store, load_ledger, load_personal, save_state
 from clients.trainer import BUDGET_EXHAUSTED as STATUS_EXHAUSTED
 from clients.trainer import TRAINED, train_on_device
 from fl import protocol as P
@@ -37,16 +31,24 @@ def _task(params_json: str) -> Task:
     return get_task(json.loads(params_json))
 
 
-def _prepare(msg: Message, context: Context):
+def _prepare(msg: Message, context: Context, before_round: int):
+    """Open the device and build its model as of ``before_round`` (its own state
+    from earlier rounds only: see ``clients.device_state`` on repeated rounds)."""
     recipe, task_params, fleet = P.parse_round_config(msg.content[P.CONFIG])
     task = _task(json.dumps(task_params, sort_keys=True))
     view = open_device(context, fleet, recipe, task)
-    model = None
+    store = device_store(context, recipe, device_index(context))
+    model, personalised = None, False
     if view.data is not None:
         model = task.build_model(fleet.image_size)
         model.load_state_dict(msg.content[P.ARRAYS].to_torch_state_dict(), strict=False)
-        load_personal(context, model, task, msg.content[P.PERSONAL_INIT].to_torch_state_dict())
-    return recipe, task, fleet, view, model
+        personalised = load_personal(store, before_round, model, task,
+                                     msg.content[P.PERSONAL_INIT].to_torch_state_dict())
+    return recipe, task, fleet, view, model, store, personalised
+
+
+def _server_round(msg: Message) -> int:
+    return int(msg.content[P.CONFIG]["server-round"])
 
 
 def _reply(metrics: dict, view: DeviceView) -> RecordDict:
@@ -67,11 +69,11 @@ def _check_photo_delta(delta: float, num_photos: int) -> None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    recipe, task, _fleet, view, model = _prepare(msg, context)
-    server_round = int(msg.content[P.CONFIG]["server-round"])
+    server_round = _server_round(msg)
+    recipe, task, _fleet, view, model, store, _ = _prepare(msg, context, server_round)
     device = device_index(context)
     recipe = dataclasses.replace(recipe, seed=hash((recipe.seed, server_round, device)) % 2**31)
-    ledger = load_ledger(context, recipe.accountant)
+    ledger = load_ledger(store, server_round, recipe.accountant)
     trained, exhausted, steps, loss, rate, used = False, False, 0, 0.0, 0.0, 0
     if view.can_train:
         tensors = task.training_tensors(view.data)
@@ -95,8 +97,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     content = _reply(metrics, view)
     if trained:
-        save_personal(context, model, task)
-        save_ledger(context, ledger)
+        save_state(store, server_round, model, task, ledger)
         content[P.ARRAYS] = ArrayRecord(task.shared_state(model))
     return Message(content=content, reply_to=msg)
 
@@ -111,8 +112,9 @@ def roll_call(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    _, task, fleet, view, model = _prepare(msg, context)
-    metrics = {P.WEIGHT_KEY: 0, P.PERSONALISED: int(has_personal_state(context))}
+    # Evaluation follows the round's training: it sees the state that round wrote.
+    _, task, fleet, view, model, _, personalised = _prepare(msg, context, _server_round(msg) + 1)
+    metrics = {P.WEIGHT_KEY: 0, P.PERSONALISED: int(personalised)}
     if view.can_evaluate:
         metrics |= task.evaluate_device(model, view.data, fleet)
         metrics[P.WEIGHT_KEY] = len(view.data.heldout)

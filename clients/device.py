@@ -20,7 +20,7 @@ from pathlib import Path
 
 from flwr.app import Context
 
-from clients.device_state import erase_personal
+from clients.device_state import erase_all_personal
 from fl import protocol as P
 from fl.data import consent
 from fl.data.device_data import DeviceData, forget, load_device_data
@@ -70,11 +70,11 @@ class DeviceView:
         return self.data is not None and len(self.data.heldout) > 0
 
 
-def erase(context: Context, spec: FleetSpec, device: int, folder: Path,
+def erase(context: Context, recipe: P.Recipe, spec: FleetSpec, device: int, folder: Path,
           manifest: consent.Manifest) -> None:
     """Carry out "delete my data": personal weights and decoded photos go; the
     privacy ledger stays; the manifest records when it was done."""
-    erase_personal(context)
+    erase_all_personal(context, recipe, device)
     forget(spec, device)
     if manifest.deleted is None:
         manifest.deleted = datetime.now(UTC)
@@ -90,7 +90,7 @@ def open_device(context: Context, spec: FleetSpec, recipe: P.Recipe, task: Task)
     except consent.ConsentError as err:
         error = f"consent manifest unusable, nothing used: {err}"
     if manifest is not None and manifest.delete_my_data:
-        erase(context, spec, device, folder, manifest)
+        erase(context, recipe, spec, device, folder, manifest)
         return DeviceView(None, {P.OPTED_OUT: 1, P.DELETED: 1}, "the user deleted their data")
     data = load_device_data(spec, device)
     report = {P.PHOTOS_SKIPPED: len(data.skipped), P.PHOTOS_CONVERTED: len(data.converted)}

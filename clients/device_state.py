@@ -1,120 +1,145 @@
 """What a device keeps between rounds: its personal weights and photo-level ledger.
 
-They live in the device's own store and nowhere else: not in replies, not in the
-server's checkpoint, not in MLflow. Two stores, one interface:
+They live in the device's own directory and nowhere else: not in replies, not
+in the server's checkpoint, not in MLflow.
 
-* simulation: Flower's ``context.state`` (kept by the Simulation Engine per node);
-* deployment: the directory given as ``--node-config "state-dir=/path"``
-  (``personal.pt``, ``ledger.json``, written atomically), so the ledger survives
-  SuperNode restarts and a device's privacy spend is never forgotten.
+* deployment: the directory given as ``--node-config "state-dir=/path"``; one
+  ledger across runs, because the same photos are spent again by every run;
+* simulation: ``<devices.storage_dir>/device-NNNNN/state/<MLflow run id>``, so the
+  experiments of a sweep never share a ledger while a resumed run (same run id)
+  finds its devices' state again.
+
+State is kept in **generations** stamped with the run and the server round that
+wrote them (``gen-000007/{personal.pt, ledger.json, stamp.json}``, each written
+whole and renamed into place). Why: a server stopped mid-way resumes from its last
+checkpoint, so it may send round r again to a device that already trained round
+r. The device then starts from the state it had *before* round r, and the privacy
+spent in the abandoned attempt is neither counted twice nor lost from the
+outcome of the repeated round.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Context
 from torch import nn
 
-from fl.atomic import atomic_write
+from fl import protocol as P
 from fl.privacy.ledger import PhotoLedger
 from fl.tasks.base import Task
 
-PERSONAL_KEY, LEDGER_KEY = "personal", "ledger"
 STATE_DIR_KEY = "state-dir"  # node config of a real device
-PERSONAL_FILE, LEDGER_FILE = "personal.pt", "ledger.json"
+PERSONAL_FILE, LEDGER_FILE, STAMP_FILE = "personal.pt", "ledger.json", "stamp.json"
+GENERATION_PREFIX = "gen-"
+KEEP_GENERATIONS = 2  # the newest state and the one before it (enough to redo one round)
 
 
-class ContextStore:
-    """``context.state`` records (simulation)."""
+class DeviceStore:
+    """One device's generations of state under ``root``."""
 
-    def __init__(self, context: Context) -> None:
-        self.state = context.state
+    def __init__(self, root: str | Path, run: str) -> None:
+        self.root, self.run = Path(root), run
 
-    def has_personal(self) -> bool:
-        return PERSONAL_KEY in self.state
+    def _generations(self) -> list[tuple[int, dict, Path]]:
+        """(sequence number, stamp, directory), oldest first."""
+        found = []
+        for folder in self.root.glob(f"{GENERATION_PREFIX}*"):
+            stamp_file = folder / STAMP_FILE
+            if folder.is_dir() and stamp_file.is_file():
+                found.append((int(folder.name[len(GENERATION_PREFIX):]),
+                              json.loads(stamp_file.read_text()), folder))
+        return sorted(found, key=lambda g: g[0])
 
-    def personal(self) -> dict[str, torch.Tensor] | None:
-        return self.state[PERSONAL_KEY].to_torch_state_dict() if self.has_personal() else None
+    def _visible(self, before_round: int) -> list[tuple[int, dict, Path]]:
+        """Generations a device may build on before ``before_round`` of this run:
+        those of earlier runs and of this run's earlier rounds."""
+        return [g for g in self._generations()
+                if g[1]["run"] != self.run or g[1]["round"] < before_round]
 
-    def put_personal(self, weights: dict[str, torch.Tensor]) -> None:
-        self.state[PERSONAL_KEY] = ArrayRecord(weights)
+    def _latest(self, before_round: int) -> Path | None:
+        visible = self._visible(before_round)
+        return visible[-1][2] if visible else None
+
+    def personal(self, before_round: int) -> dict[str, torch.Tensor] | None:
+        folder = self._latest(before_round)
+        path = folder / PERSONAL_FILE if folder else None
+        if path is None or not path.is_file():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def ledger(self, before_round: int) -> dict | None:
+        folder = self._latest(before_round)
+        return json.loads((folder / LEDGER_FILE).read_text()) if folder else None
+
+    def save(self, server_round: int, personal: dict[str, torch.Tensor], ledger: dict) -> Path:
+        """Write the state after ``server_round`` as a new generation, then drop
+        generations that a repeated round superseded, and all but the newest few."""
+        generations = self._generations()
+        sequence = generations[-1][0] + 1 if generations else 1
+        final = self.root / f"{GENERATION_PREFIX}{sequence:06d}"
+        tmp = self.root / f".{final.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(personal, tmp / PERSONAL_FILE)
+        (tmp / LEDGER_FILE).write_text(json.dumps(ledger))
+        (tmp / STAMP_FILE).write_text(json.dumps({"run": self.run, "round": server_round}))
+        tmp.rename(final)
+        stale = [g for g in generations if g[1]["run"] == self.run and g[1]["round"] >= server_round]
+        kept = [g for g in generations if g not in stale][-(KEEP_GENERATIONS - 1):]
+        for _, _, folder in generations:
+            if all(folder != k[2] for k in kept):
+                shutil.rmtree(folder, ignore_errors=True)
+        return final
 
     def erase_personal(self) -> None:
-        if PERSONAL_KEY in self.state:
-            del self.state[PERSONAL_KEY]
-
-    def ledger(self) -> dict | None:
-        return dict(self.state[LEDGER_KEY]) if LEDGER_KEY in self.state else None
-
-    def put_ledger(self, config: dict) -> None:
-        self.state[LEDGER_KEY] = ConfigRecord(config)
+        """"Delete my data": personal weights go from every generation; ledgers stay."""
+        for _, _, folder in self._generations():
+            (folder / PERSONAL_FILE).unlink(missing_ok=True)
 
 
-class DirectoryStore:
-    """Files in the device's state directory (deployment)."""
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-
-    def has_personal(self) -> bool:
-        return (self.folder / PERSONAL_FILE).is_file()
-
-    def personal(self) -> dict[str, torch.Tensor] | None:
-        path = self.folder / PERSONAL_FILE
-        return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-
-    def put_personal(self, weights: dict[str, torch.Tensor]) -> None:
-        atomic_write(self.folder / PERSONAL_FILE, lambda tmp: torch.save(weights, tmp))
-
-    def erase_personal(self) -> None:
-        (self.folder / PERSONAL_FILE).unlink(missing_ok=True)
-
-    def ledger(self) -> dict | None:
-        path = self.folder / LEDGER_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def put_ledger(self, config: dict) -> None:
-        atomic_write(self.folder / LEDGER_FILE, lambda tmp: tmp.write_text(json.dumps(config)))
-
-
-def store(context: Context) -> ContextStore | DirectoryStore:
+def device_root(context: Context, recipe: P.Recipe, device: int) -> Path:
     if STATE_DIR_KEY in context.node_config:
-        return DirectoryStore(str(context.node_config[STATE_DIR_KEY]))
-    return ContextStore(context)
+        return Path(str(context.node_config[STATE_DIR_KEY]))
+    return Path(recipe.device_storage) / f"device-{device:05d}" / "state" / (recipe.run or "local")
 
 
-def has_personal_state(context: Context) -> bool:
-    return store(context).has_personal()
+def device_store(context: Context, recipe: P.Recipe, device: int) -> DeviceStore:
+    return DeviceStore(device_root(context, recipe, device), recipe.run)
 
 
-def load_personal(context: Context, model: nn.Module, task: Task,
-                  init: dict[str, torch.Tensor]) -> None:
-    """Load this device's personal weights, or ``init`` before its first round."""
-    state = store(context).personal() or init
-    personal = {k: v for k, v in state.items() if task.is_personal(k)}
+def erase_all_personal(context: Context, recipe: P.Recipe, device: int) -> None:
+    """Remove the device's personal weights of every run (simulation) or of its
+    state directory (deployment)."""
+    root = device_root(context, recipe, device)
+    if STATE_DIR_KEY not in context.node_config:
+        root = root.parent  # every run's state of this simulated device
+    for path in root.rglob(PERSONAL_FILE):
+        path.unlink()
+
+
+def load_personal(store: DeviceStore, before_round: int, model: nn.Module, task: Task,
+                  init: dict[str, torch.Tensor]) -> bool:
+    """Load the device's personal weights, or ``init`` before its first round.
+    Returns whether the device had personal weights of its own."""
+    own = store.personal(before_round)
+    personal = {k: v for k, v in (own or init).items() if task.is_personal(k)}
     missing = set(task.personal_state(model)) - set(personal)
     if missing:
         raise ValueError(f"personal state lacks {sorted(missing)}; was it saved by another task?")
     model.load_state_dict(personal, strict=False)
+    return own is not None
 
 
-def erase_personal(context: Context) -> None:
-    """Remove the personal weights from the device's stored state."""
-    store(context).erase_personal()
-
-
-def save_personal(context: Context, model: nn.Module, task: Task) -> None:
-    store(context).put_personal(
-        {k: v.detach().clone() for k, v in task.personal_state(model).items()})
-
-
-def load_ledger(context: Context, accountant: str) -> PhotoLedger:
-    config = store(context).ledger()
+def load_ledger(store: DeviceStore, before_round: int, accountant: str) -> PhotoLedger:
+    config = store.ledger(before_round)
     return PhotoLedger.from_config(config) if config else PhotoLedger(accountant=accountant)
 
 
-def save_ledger(context: Context, ledger: PhotoLedger) -> None:
-    store(context).put_ledger(ledger.to_config())
+def save_state(store: DeviceStore, server_round: int, model: nn.Module, task: Task,
+               ledger: PhotoLedger) -> None:
+    personal = {k: v.detach().clone() for k, v in task.personal_state(model).items()}
+    store.save(server_round, personal, ledger.to_config())

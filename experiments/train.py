@@ -2,6 +2,8 @@
 
     python -m experiments.train [overrides]
     python -m experiments.train -m privacy.photo.noise_multiplier=0.5,1.0
+    python -m experiments.train experiment=privacy_utility -m
+    python -m experiments.train resume=<MLflow run id or checkpoint path>
 
 Returns the final value of ``objective.metric`` so Hydra sweepers (e.g. Optuna)
 can optimise it.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fl.config import CONFIG_DIR, ConfigError, objective_key, validate
@@ -19,18 +22,23 @@ from fl.config import CONFIG_DIR, ConfigError, objective_key, validate
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    from fl.tracking.model_init import resolve_init
+    from server.resume import resumed_config
+    from server.simulation import simulate
+
+    checkpoint = None
     try:
+        if cfg.resume:
+            cfg, checkpoint = resumed_config(cfg, list(HydraConfig.get().overrides.task))
         validate(cfg)
     except ConfigError as err:
         print(f"fedface: invalid configuration: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    # Pretrain (or reuse the cache) before Ray starts, so it has the cores to itself.
-    from fl.tracking.model_init import resolve_init
-    from server.simulation import simulate
-
-    OmegaConf.set_struct(cfg, False)
-    cfg.model.init = resolve_init(cfg)
-    summary = simulate(cfg)
+    if checkpoint is None:
+        # Pretrain (or reuse the cache) before Ray starts, so it has the cores to itself.
+        OmegaConf.set_struct(cfg, False)
+        cfg.model.init = resolve_init(cfg)
+    summary = simulate(cfg, resume=checkpoint)
     return summary.final(objective_key(cfg))
 
 

@@ -56,6 +56,7 @@ class Recipe:
     seed: int = 0
     consent_default: str = "grant"  # photos of a device without consent.json: grant | deny
     device_storage: str = ".fedface-devices"  # simulated devices' own directories live here
+    run: str = ""  # the MLflow run id: a simulated device keeps its state per run
 
 
 def round_config(recipe: Recipe, task: dict[str, Any], fleet: FleetSpec) -> ConfigRecord:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fl import config as C
 from fl import protocol as P
@@ -25,10 +25,15 @@ from fl.console import say
 from fl.pretrain import load_checkpoint
 from fl.privacy.plan import privacy_plan
 from fl.tasks import get_task
-from fl.tracking.mlflow_run import RunLogger
+from fl.tracking.mlflow_run import OBJECTIVE_TAG, RunLogger
 from fl.tracking.model_init import init_source, resolve_init
+from server.checkpoint import ARTIFACT_PATH as CHECKPOINT_ARTIFACT
+from server.checkpoint import Checkpoint, LoopState, save_checkpoint
 from server.console import format_round, format_summary, last_value
 from server.loop import LoopSettings, RoundLoop
+from server.progress import Progress
+from server.resume import local_checkpoint, resumed_config
+from server.samples import sample_grid
 
 
 @dataclass
@@ -50,43 +55,86 @@ def build_strategy(cfg: DictConfig):
                        weighted_by_key=P.WEIGHT_KEY)
 
 
-def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say) -> Summary:
+def _log_checkpointed_round(logger: RunLogger, state: LoopState) -> None:
+    """A run stopped between its checkpoint and its metrics: log them now."""
+    metrics = state.history.get(state.round, {})
+    if metrics and state.round not in logger.logged_steps(next(iter(metrics))):
+        logger.log_metrics(metrics, step=state.round)
+
+
+def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say,
+                   resume: Checkpoint | None = None) -> Summary:
+    """One federated run, or the rest of one from its checkpoint (``resume``)."""
     C.validate(cfg)
     task = get_task(C.task_params(cfg))
     spec = C.fleet_spec(cfg)
-    init_path = resolve_init(cfg, log)
-    checkpoint = load_checkpoint(init_path)
-    # Personal pieces the checkpoint does not hold (e.g. an adapter that
-    # pretraining never trains) start from their fresh initialisation.
-    personal_init = {**task.personal_state(task.build_model(spec.image_size)),
-                     **checkpoint["personal_init"]}
     plan = privacy_plan(cfg)
-    recipe = C.recipe(cfg, plan.photo)
     f = cfg.fleet
+    if resume is None:
+        init_path = resolve_init(cfg, log)
+        checkpoint = load_checkpoint(init_path)
+        shared = checkpoint["shared"]
+        # Personal pieces the checkpoint does not hold (e.g. an adapter that
+        # pretraining never trains) start from their fresh initialisation.
+        personal_init = {**task.personal_state(task.build_model(spec.image_size)),
+                         **checkpoint["personal_init"]}
+    else:
+        shared, personal_init = resume.loop.shared, resume.personal_init
+    logger = RunLogger(cfg, resume_run_id=resume.run_id if resume else None)
+    if resume is None:
+        logger.log_params(plan.params())
+        logger.set_tag("fedface.init", init_source(cfg, init_path))
+        logger.set_tag(OBJECTIVE_TAG, C.objective_key(cfg))
+        log(f"MLflow run {logger.run_id} ({logger.uri})")
+    else:
+        logger.set_tag("fedface.resumed_after_round", str(resume.loop.round))
+        log(f"resuming MLflow run {logger.run_id} after round {resume.loop.round} "
+            f"of {f.rounds} ({logger.uri})")
+    recipe = replace(C.recipe(cfg, plan.photo), run=logger.run_id)
     settings = LoopSettings(
         rounds=f.rounds, devices_per_round=f.devices_per_round, sampling=f.sampling,
         eval_devices=f.eval_devices, num_devices=f.num_devices, newuser_every=f.newuser_every,
         newuser_identities=f.newuser_identities, newuser_steps=f.newuser_steps,
         round_timeout=f.round_timeout, seed=cfg.seed, photo=plan.photo, user=plan.user)
-    logger = RunLogger(cfg)
-    logger.log_params(plan.params())
-    logger.set_tag("fedface.init", init_source(cfg, init_path))
-    log(f"MLflow run {logger.run_id} ({logger.uri})")
+    progress = Progress(f.rounds)
+    checkpoint_path = local_checkpoint(cfg, logger.run_id)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    sampled_rounds: set[int] = set()
 
-    def on_round(rnd: int, metrics: dict[str, float]) -> None:
+    def log_samples(rnd: int, state_shared: dict) -> None:
+        image = sample_grid(task, state_shared, personal_init, spec, f.newuser_steps, cfg.seed)
+        logger.log_image(image, f"samples/round_{rnd:04d}.png")
+        sampled_rounds.add(rnd)
+
+    def on_round(rnd: int, metrics: dict[str, float], state: LoopState) -> None:
+        # Checkpoint first: a stop after it loses no round; a stop before it
+        # repeats this round on resume (metrics are logged once either way).
+        save_checkpoint(checkpoint_path, Checkpoint(logger.run_id, config_yaml, personal_init,
+                                                    state))
+        logger.log_artifact(checkpoint_path, CHECKPOINT_ARTIFACT)
         logger.log_metrics(metrics, step=rnd)
-        log(format_round(rnd, f.rounds, metrics))
+        every = int(cfg.tracking.samples_every)
+        if every > 0 and (rnd % every == 0 or rnd == f.rounds):
+            log_samples(rnd, state.shared)
+        log(format_round(rnd, f.rounds, metrics) + "  " + progress.timing(rnd))
 
+    if resume is not None:
+        _log_checkpointed_round(logger, resume.loop)
     loop = RoundLoop(grid, build_strategy(cfg), task, spec, settings,
                      P.round_config(recipe, C.task_params(cfg), spec),
-                     personal_init, on_round)
+                     personal_init, on_round, progress)
     try:
-        result = loop.run(checkpoint["shared"])
+        result = loop.run(shared, resume.loop if resume else None)
         if result.stopped:
             log(f"stopped early: {result.stopped}")
             logger.set_tag("fedface.stopped", result.stopped)
-        logger.log_shared_model(result.shared, personal_init)
+        last = max(result.history)
+        if int(cfg.tracking.samples_every) > 0 and last not in sampled_rounds:
+            log_samples(last, result.shared)
+        model_uri = logger.log_shared_model(result.shared, personal_init, C.task_params(cfg),
+                                            spec, cfg.tracking.register_model)
         logger.log_privacy_review(plan, result.history, result.devices, result.stopped)
+        logger.log_system_figure(result.history)
     except BaseException:
         logger.end("FAILED")  # everything logged so far stays in MLflow
         raise
@@ -94,6 +142,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
     summary = Summary(logger.run_id, logger.ui_command(), result.history)
     log(format_summary(summary.history, plan, logger.run_id, summary.ui_command,
                        cfg.tracking.experiment_name))
+    log(f"shared model {model_uri}")
     return summary
 
 
@@ -105,7 +154,10 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: Hydra overrides come in the run config,
     e.g. ``flwr run . --run-config "overrides='fleet.rounds=5 privacy=none'"``."""
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
-    run_experiment(grid, C.compose(overrides))
+    cfg, checkpoint = C.compose(overrides), None
+    if cfg.resume:
+        cfg, checkpoint = resumed_config(cfg, overrides)
+    run_experiment(grid, cfg, resume=checkpoint)
 
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -28,8 +28,12 @@ from fl.privacy.plan import PhotoPlan, UserPlan, default_delta
 from fl.privacy.user_level import UserMechanism
 from fl.tasks.base import Task
 from fl.tracking import keys as K
+from server.checkpoint import LoopState, restore_strategy, strategy_state
 from server.newuser import newuser_score
+from server.progress import Progress
 from server.roll_call import roll_call, wait_for_nodes
+
+PULL_INTERVAL = 0.25  # seconds between polls for device replies
 
 
 class SampledGrid:
@@ -146,16 +150,21 @@ def _mean(values: list[float]) -> float:
 
 
 class RoundLoop:
+    """Runs the rounds; after each, hands ``on_round`` the metrics and the loop's
+    state (what a checkpoint needs to continue from there)."""
+
     def __init__(self, grid: Grid, strategy: Strategy, task: Task, spec: FleetSpec,
                  settings: LoopSettings, round_config: ConfigRecord,
                  personal_init: dict[str, torch.Tensor],
-                 on_round: Callable[[int, dict[str, float]], None]) -> None:
+                 on_round: Callable[[int, dict[str, float], LoopState], None],
+                 progress: Progress | None = None) -> None:
         self.grid, self.strategy, self.task, self.spec = grid, strategy, task, spec
         self.s = settings
         self.config = round_config
         self.personal_init = personal_init
         self.personal_record = ArrayRecord(personal_init)
         self.on_round = on_round
+        self.progress = progress or Progress(settings.rounds)
         self.rng = np.random.default_rng(settings.seed)
 
     def _sample(self, nodes: list[int], k: int) -> list[int]:
@@ -175,44 +184,96 @@ class RoundLoop:
             return [n for n, u in zip(eligible, self.rng.random(len(eligible))) if u < q]
         return self._sample(eligible, min(self.s.devices_per_round, len(eligible)))
 
-    def _send(self, messages: Iterable[Message]) -> list[Message]:
+    def _send(self, messages: Iterable[Message], step: str) -> list[Message]:
+        """Push the messages, then pull replies until all came or the timeout
+        passed (devices that never answer are counted as failed), reporting each
+        device as it finishes."""
         messages = list(messages)
         for message in messages:
             message.content[P.PERSONAL_INIT] = self.personal_record
-        return list(self.grid.send_and_receive(messages, timeout=self.s.round_timeout))
+        waiting = set(self.grid.push_messages(messages))
+        total, replies = len(waiting), []
+        deadline = time.time() + self.s.round_timeout
+        while waiting and time.time() < deadline:
+            got = list(self.grid.pull_messages(waiting))
+            replies += got
+            waiting -= {reply.metadata.reply_to_message_id for reply in got}
+            if got:
+                self.progress.devices(step, len(replies), total)
+            if waiting:
+                time.sleep(PULL_INTERVAL)
+        return replies
 
-    def run(self, shared: dict[str, torch.Tensor]) -> LoopResult:
+    def run(self, shared: dict[str, torch.Tensor], resume: LoopState | None = None) -> LoopResult:
+        """Round 0 (evaluation before fine-tuning) and rounds 1..R, or, from a
+        checkpoint's ``resume`` state, the rounds after the last completed one."""
         index = roll_call(self.grid, wait_for_nodes(self.grid, self.s.num_devices),
                           self.s.round_timeout)
         nodes = list(index)
-        panel = sorted(self._sample(nodes, self.s.eval_devices))
-        exhausted: set[int] = set()
         result = LoopResult(shared=dict(shared), devices={
             node: DeviceRecord(f"device-{i:05d}") for node, i in index.items()})
+        if resume is None:
+            panel = sorted(self._sample(nodes, self.s.eval_devices))
+            exhausted: set[int] = set()
+            metrics = self._evaluate(0, result.shared, panel)
+            metrics.update(self._newuser(result.shared))
+            result.history[0] = metrics
+            self.on_round(0, metrics, self._state(0, result, panel, exhausted, index))
+            first = 1
+        else:
+            panel, exhausted = self._restore(resume, result, index)
+            first = resume.round + 1
+        self.progress.begin(first)
 
-        metrics = self._evaluate(0, result.shared, panel)
-        metrics.update(self._newuser(result.shared))
-        result.history[0] = metrics
-        self.on_round(0, metrics)
-
-        for rnd in range(1, self.s.rounds + 1):
+        for rnd in range(first, self.s.rounds + 1):
             start = time.time()
             eligible = [n for n in nodes if n not in exhausted and not result.devices[n].gone]
             result.stopped = self._stop_reason(result, eligible)
             if result.stopped:
                 break
             sampled = self._sample_cohort(eligible)
+            self.progress.round_started(rnd, len(sampled))
             arrays = ArrayRecord(result.shared)
             replies = self._send(self.strategy.configure_train(
-                rnd, arrays, ConfigRecord(dict(self.config)), SampledGrid(self.grid, sampled)))
+                rnd, arrays, ConfigRecord(dict(self.config)), SampledGrid(self.grid, sampled)),
+                "trained")
+            train_seconds = time.time() - start
             metrics = self._collect_train(rnd, len(sampled), replies, result, exhausted)
             metrics.update(self._evaluate(rnd, result.shared, panel))
             if rnd % max(self.s.newuser_every, 1) == 0 or rnd == self.s.rounds:
                 metrics.update(self._newuser(result.shared))
             metrics[K.ROUND_SECONDS] = time.time() - start
+            metrics[K.UPDATES_PER_SECOND] = metrics[K.DEVICES_TRAINED] / max(train_seconds, 1e-9)
             result.history[rnd] = metrics
-            self.on_round(rnd, metrics)
+            self.progress.round_finished(rnd)
+            self.on_round(rnd, metrics, self._state(rnd, result, panel, exhausted, index))
         return result
+
+    def _state(self, rnd: int, result: LoopResult, panel: list[int], exhausted: set[int],
+               index: dict[int, int]) -> LoopState:
+        return LoopState(
+            round=rnd, shared=result.shared, history=result.history,
+            devices={index[node]: asdict(record) for node, record in result.devices.items()},
+            exhausted=sorted(index[n] for n in exhausted), panel=[index[n] for n in panel],
+            user_rounds=result.user_rounds, rng=self.rng.bit_generator.state,
+            strategy=strategy_state(self.strategy))
+
+    def _restore(self, state: LoopState, result: LoopResult,
+                 index: dict[int, int]) -> tuple[list[int], set[int]]:
+        """Put the loop back where ``state`` left it; this session's node ids
+        replace the old session's through the devices' stable indices."""
+        node_of = {device: node for node, device in index.items()}
+        unknown = sorted(set(state.devices) - set(node_of))
+        if unknown:
+            raise RuntimeError(f"the checkpoint has devices {unknown[:5]} that are not in this "
+                               "fleet; resume with the same fleet the run started with")
+        result.shared = dict(state.shared)
+        result.history = {int(r): dict(m) for r, m in state.history.items()}
+        result.devices = {node_of[d]: DeviceRecord(**fields) for d, fields in state.devices.items()}
+        result.user_rounds = int(state.user_rounds)
+        self.rng.bit_generator.state = state.rng
+        restore_strategy(self.strategy, state.strategy)
+        return [node_of[d] for d in state.panel], {node_of[d] for d in state.exhausted}
 
     def _stop_reason(self, result: LoopResult, eligible: list[int]) -> str:
         """Why the next round must not run: no device may train, or releasing one
@@ -307,7 +368,7 @@ class RoundLoop:
             return {}
         replies = self._send(self.strategy.configure_evaluate(
             rnd, ArrayRecord(shared), ConfigRecord(dict(self.config)),
-            SampledGrid(self.grid, panel)))
+            SampledGrid(self.grid, panel)), "evaluated")
         ok = [r.content[P.METRICS] for r in replies if not r.has_error()]
         out = {key: _mean([float(m[name]) for m in ok if name in m])
                for name, key in K.QUALITY.items() if any(name in m for m in ok)}

@@ -11,10 +11,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fl.data.device_data import DeviceData
 from fl.data.fleet import PUBLIC_ID_OFFSET, FleetSpec, synthetic_device
 from fl.tasks.base import Task
 
 PHOTOS_PER_NEW_USER = 24
+
+
+def fit_new_user(task: Task, shared: dict[str, torch.Tensor],
+                 personal_init: dict[str, torch.Tensor], spec: FleetSpec, k: int, steps: int,
+                 seed: int = 0) -> tuple[torch.nn.Module, DeviceData]:
+    """The shared model with a personal part fitted to the k-th new public user."""
+    # Public identities after the pretraining ones: never seen by the shared weights.
+    data = synthetic_device(spec, PUBLIC_ID_OFFSET + spec.num_public + k, PHOTOS_PER_NEW_USER)
+    model = task.build_model(spec.image_size)
+    model.load_state_dict({**shared, **personal_init})
+    task.fit_personal(model, task.training_tensors(data), steps, seed=seed + k)
+    return model, data
 
 
 def newuser_score(task: Task, shared: dict[str, torch.Tensor],
@@ -23,10 +36,6 @@ def newuser_score(task: Task, shared: dict[str, torch.Tensor],
     """Mean ``task.primary_metric`` of ``identities`` new public users."""
     scores = []
     for k in range(identities):
-        # Public identities after the pretraining ones: never seen by the shared weights.
-        data = synthetic_device(spec, PUBLIC_ID_OFFSET + spec.num_public + k, PHOTOS_PER_NEW_USER)
-        model = task.build_model(spec.image_size)
-        model.load_state_dict({**shared, **personal_init})
-        task.fit_personal(model, task.training_tensors(data), steps, seed=seed + k)
+        model, data = fit_new_user(task, shared, personal_init, spec, k, steps, seed)
         scores.append(task.evaluate_device(model, data, spec)[task.primary_metric])
     return float(np.mean(scores))

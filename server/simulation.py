@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from clients.app import app as client_app
 from fl.config import validate
 from server.app import Summary, run_experiment
+from server.checkpoint import Checkpoint
 
 
 class _DropChosenDeprecation(logging.Filter):
@@ -45,8 +46,10 @@ def _quiet_framework_logs(verbose: bool) -> None:
             handler.setLevel(logging.WARNING)
 
 
-def simulate(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None = None) -> Summary:
-    """Run one experiment on a simulated fleet of ``fleet.num_devices`` devices.
+def simulate(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None = None,
+             resume: Checkpoint | None = None) -> Summary:
+    """Run one experiment on a simulated fleet of ``fleet.num_devices`` devices
+    (or the rest of one, from its checkpoint ``resume``).
 
     ``wrap_grid`` lets an observer see every message (the tests use it to check
     that nothing personal leaves a device).
@@ -57,7 +60,8 @@ def simulate(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None = None) -
 
     @server_app.main()
     def main(grid: Grid, context) -> None:
-        outcome["summary"] = run_experiment(wrap_grid(grid) if wrap_grid else grid, cfg)
+        outcome["summary"] = run_experiment(wrap_grid(grid) if wrap_grid else grid, cfg,
+                                            resume=resume)
 
     _quiet_framework_logs(bool(cfg.verbose))
     # Each simulated device trains with one thread; Ray runs as many as cores allow.

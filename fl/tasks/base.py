@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,16 @@ from fl.data.fleet import FleetSpec
 from fl.models.blocks import PERSONAL_PREFIX
 
 _TASKS: dict[str, type[Task]] = {}
+
+
+@dataclass
+class SampleColumn:
+    """One column of a sample grid: images ``(N, 3, S, S)`` in [0, 1], or one
+    text label per row (e.g. the controls a portrait was asked for)."""
+
+    title: str
+    images: torch.Tensor | None = None
+    labels: list[str] | None = None
 EMBEDDING_KEY = f"{PERSONAL_PREFIX}embedding.weight"
 
 
@@ -85,6 +96,16 @@ class Task(ABC):
 
         Metrics that need SynthFaces' ground truth are computed only when
         ``data.identity`` is known; real photos get the held-out ones."""
+
+    @abstractmethod
+    def model_input(self, identity: Any, spec: FleetSpec, rows: int) -> torch.Tensor:
+        """``rows`` inputs of the model's forward pass for a SynthFaces identity
+        (clip frames, or portrait conditions): the MLflow model's input example."""
+
+    @abstractmethod
+    def sample_columns(self, model: nn.Module, identity: Any, spec: FleetSpec,
+                       rows: int) -> list[SampleColumn]:
+        """Input, output and ground truth for a *public* SynthFaces identity."""
 
     def personal_init(self, model: nn.Module, identity: torch.Tensor) -> dict[str, torch.Tensor]:
         """The public starting point of every device's personal part: the model's

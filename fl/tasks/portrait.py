@@ -28,7 +28,7 @@ from fl.data.fleet import FleetSpec, public_attributes, public_identity
 from fl.data.synthfaces import Attributes, Identity, render
 from fl.metrics import psnr, ssim
 from fl.models.portrait import PortraitModel
-from fl.tasks.base import Task, register_task
+from fl.tasks.base import SampleColumn, Task, register_task
 
 
 @lru_cache(maxsize=1)
@@ -113,3 +113,17 @@ class PortraitTask(Task):
                         "portrait_ssim": ssim(portraits, truth),
                         "portrait_psnr_baseline_mean": psnr(mean_photo, truth)}
         return metrics
+
+    def model_input(self, identity, spec: FleetSpec, rows: int) -> torch.Tensor:
+        return studio_truth(identity, spec.image_size)[0][:rows]
+
+    @torch.no_grad()
+    def sample_columns(self, model: nn.Module, identity, spec: FleetSpec,
+                       rows: int) -> list[SampleColumn]:
+        model.eval()
+        conds, truth = studio_truth(identity, spec.image_size)
+        labels = [f"yaw {a.yaw:+.1f}\nsmile {a.smile:.1f}\nlight {a.light_x:+.1f}"
+                  for a in studio_panel()[:rows]]
+        return [SampleColumn("requested controls", labels=labels),
+                SampleColumn("portrait", model(conds[:rows])),
+                SampleColumn("ground truth", truth[:rows])]

@@ -25,7 +25,7 @@ from fl.data.fleet import (
 from fl.data.synthfaces import render
 from fl.metrics import psnr, ssim
 from fl.models.swap import SwapModel
-from fl.tasks.base import Task, register_task
+from fl.tasks.base import SampleColumn, Task, register_task
 
 # Public identities [0, num_public) are for pretraining; the new-user check uses
 # public identities after those, which the shared weights have never seen.
@@ -94,3 +94,17 @@ class SwapTask(Task):
             "swap_psnr_baseline_clip": psnr(frames_t, truth),
             "swap_psnr_baseline_mean": psnr(mean_photo, truth),
         }
+
+    def model_input(self, identity, spec: FleetSpec, rows: int) -> torch.Tensor:
+        frames, _ = swap_benchmark(spec, 1 + (rows - 1) // spec.clip_length)
+        return torch.from_numpy(frames[:rows])
+
+    @torch.no_grad()
+    def sample_columns(self, model: nn.Module, identity, spec: FleetSpec,
+                       rows: int) -> list[SampleColumn]:
+        model.eval()
+        frames, attrs = swap_benchmark(spec, 1 + (rows - 1) // spec.clip_length)
+        frames, attrs = torch.from_numpy(frames[:rows]), attrs[:rows]
+        truth = render(identity, [a.replace(noise_sigma=0.0) for a in attrs], spec.image_size)
+        return [SampleColumn("clip frame", frames), SampleColumn("swap", model(frames)),
+                SampleColumn("ground truth", torch.from_numpy(truth))]

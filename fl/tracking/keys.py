@@ -34,7 +34,8 @@ DEVICES_FAILED = "fleet/devices_failed"
 DEVICES_BUDGET_EXHAUSTED = "fleet/devices_budget_exhausted"
 UPDATE_CLIP_FRACTION = "fleet/update_clip_fraction"
 DEVICES_EVALUATED_PERSONALISED = "fleet/eval_devices_personalised"
-ROUND_SECONDS = "fleet/round_seconds"
+ROUND_SECONDS = "fleet/round_seconds"  # wall time of the round (train, aggregate, evaluate)
+UPDATES_PER_SECOND = "fleet/updates_per_second"  # device updates received / training wall time
 
 # Consent and data (sums over what devices last reported; never which photos).
 CONSENT_PHOTOS_USED = "consent/photos_used"  # photos that trained this round

@@ -7,6 +7,7 @@ one override away.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -17,8 +18,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fl.config import flatten
+from fl.data.fleet import FleetSpec
 from fl.pretrain import save_checkpoint
 from fl.privacy.plan import PrivacyPlan
+from fl.tracking.mlflow_model import log_shared_model
 from fl.tracking.privacy_report import (
     as_json,
     epsilon_chart,
@@ -27,8 +30,12 @@ from fl.tracking.privacy_report import (
     report,
     to_markdown,
 )
+from fl.tracking.sweep import child_tags, current_sweep, parent_run_id
+from fl.tracking.system_report import system_chart
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+CONFIG_ARTIFACT = "config/config.yaml"
+OBJECTIVE_TAG = "fedface.objective"  # the metric key experiments.train returns
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -36,24 +43,42 @@ def tracking_uri(cfg: DictConfig) -> str:
 
 
 def quiet_mlflow() -> None:
-    """MLflow's sqlite store trips a SQLAlchemy deprecation that is MLflow's to fix."""
+    """Keep the console for fedface's own lines: MLflow's sqlite store trips a
+    SQLAlchemy deprecation and its tables a pandas one (both MLflow's to fix),
+    and its INFO chatter (creating tables, validating examples) is not news.
+    Warnings and errors still show."""
     warnings.filterwarnings("ignore", message=".*noload.*")
+    warnings.filterwarnings("ignore", message=".*select_dtypes.*")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 class RunLogger:
-    """Owns one MLflow run; every write goes through it."""
+    """Owns one MLflow run; every write goes through it.
 
-    def __init__(self, cfg: DictConfig) -> None:
+    A sweep's job becomes a child of the sweep's parent run (``fl.tracking.sweep``);
+    a resumed run (``resume_run_id``) is continued, not started again: its params
+    and config were logged when it started and MLflow keeps them unchanged.
+    """
+
+    def __init__(self, cfg: DictConfig, resume_run_id: str | None = None) -> None:
         self.uri = tracking_uri(cfg)
         mlflow.set_tracking_uri(self.uri)
         quiet_mlflow()
-        mlflow.set_experiment(cfg.tracking.experiment_name)
-        self.run = mlflow.start_run(run_name=cfg.tracking.run_name)
-        self.run_id = self.run.info.run_id
+        experiment = mlflow.set_experiment(cfg.tracking.experiment_name)
         self.client = mlflow.MlflowClient(self.uri)
-        params = flatten(cfg)
-        mlflow.log_params({k: v[:6000] for k, v in params.items()})
-        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+        if resume_run_id:
+            self.run = mlflow.start_run(run_id=resume_run_id)
+        else:
+            sweep = current_sweep()
+            parent = (parent_run_id(self.client, experiment.experiment_id, sweep)
+                      if sweep else None)
+            self.run = mlflow.start_run(run_name=cfg.tracking.run_name, parent_run_id=parent,
+                                        tags=child_tags(sweep) if sweep else None)
+        self.run_id = self.run.info.run_id
+        if not resume_run_id:
+            params = flatten(cfg)
+            mlflow.log_params({k: v[:6000] for k, v in params.items()})
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), CONFIG_ARTIFACT)
 
     def log_params(self, params: dict[str, str]) -> None:
         mlflow.log_params(params)
@@ -64,12 +89,32 @@ class RunLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
+    def log_artifact(self, path: str | Path, artifact_path: str) -> None:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_image(self, image, artifact_file: str) -> None:
+        mlflow.log_image(image, artifact_file=artifact_file)
+
     def log_shared_model(self, shared_state: dict[str, torch.Tensor],
-                         personal_init: dict[str, torch.Tensor]) -> None:
-        """The final shared weights (and the public personal init) as an artifact."""
+                         personal_init: dict[str, torch.Tensor], task_params: dict,
+                         spec: FleetSpec, registered_name: str | None) -> str:
+        """The final shared weights: the checkpoint file ``model/shared.pt`` (what
+        ``model.init`` takes) and an MLflow pyfunc model with a signature,
+        registered under ``registered_name`` if given. Returns the model's URI."""
         with tempfile.TemporaryDirectory() as tmp:
             path = save_checkpoint(Path(tmp) / "shared.pt", shared_state, personal_init)
             mlflow.log_artifact(str(path), artifact_path="model")
+        uri = log_shared_model(task_params, spec, shared_state, personal_init, registered_name)
+        mlflow.set_tag("fedface.model_uri", uri)
+        return uri
+
+    def log_system_figure(self, history: dict[int, dict[str, float]]) -> None:
+        figure = system_chart(history)
+        mlflow.log_figure(figure, "system/rounds.png")
+        plt.close(figure)
 
     def log_privacy_review(self, plan: PrivacyPlan, history: dict[int, dict[str, float]],
                            devices: dict, stopped: str) -> None:

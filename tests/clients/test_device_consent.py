@@ -10,7 +10,13 @@ import torch
 from flwr.app import Context, RecordDict
 
 from clients.device import open_device
-from clients.device_state import LEDGER_KEY, PERSONAL_KEY, load_ledger, save_ledger, save_personal
+from clients.device_state import (
+    LEDGER_FILE,
+    PERSONAL_FILE,
+    device_store,
+    load_ledger,
+    save_state,
+)
 from clients.trainer import TRAINED, train_on_device
 from fl import protocol as P
 from fl.data import consent
@@ -26,17 +32,24 @@ def _context() -> Context:
                    run_config={})
 
 
+ROUNDS = iter(range(1, 1000))
+
+
 def _round(context, recipe, task):
     """What the ClientApp does in a training round, on a real Context."""
     view = open_device(context, SPEC, recipe, task)
     if not view.can_train:
         return view, None
     model = task.build_model(SPEC.image_size)
-    ledger = load_ledger(context, recipe.accountant)
+    store, rnd = device_store(context, recipe, 1), next(ROUNDS)
+    ledger = load_ledger(store, rnd, recipe.accountant)
     outcome = train_on_device(task, model, task.training_tensors(view.data), recipe, ledger)
-    save_personal(context, model, task)
-    save_ledger(context, ledger)
+    save_state(store, rnd, model, task, ledger)
     return view, outcome
+
+
+def _stored(root, name):
+    return sorted(root.rglob(name))
 
 
 def test_revocation_takes_effect_at_the_next_round(tmp_path):
@@ -74,27 +87,27 @@ def test_delete_my_data_erases_personal_state_and_photos_but_keeps_the_ledger(tm
     context = _context()
     _round(context, recipe, task)
     _round(context, recipe, task)
-    ledger_before = dict(context.state[LEDGER_KEY])
-    assert PERSONAL_KEY in context.state and is_cached(SPEC, 1)
-
     folder = tmp_path / "device-00001"
+    ledgers_before = [p.read_text() for p in _stored(folder, LEDGER_FILE)]
+    assert _stored(folder, PERSONAL_FILE) and is_cached(SPEC, 1)
+
     consent.write_manifest(folder, consent.Manifest(delete_my_data=True))
     view, outcome = _round(context, recipe, task)
 
     assert outcome is None and view.data is None
     assert view.report == {P.OPTED_OUT: 1, P.DELETED: 1}
     # nothing of the personal state remains in what the device stores...
-    assert list(context.state.keys()) == [LEDGER_KEY]
+    assert not _stored(folder, PERSONAL_FILE)
     assert not is_cached(SPEC, 1)
-    stored = [p.name for p in folder.iterdir()]
-    assert stored == [consent.MANIFEST]
+    assert {p.name for p in folder.rglob("*") if p.is_file()} == {
+        consent.MANIFEST, LEDGER_FILE, "stamp.json"}
     # ...but the ledger is intact: what was released stays accounted
-    assert dict(context.state[LEDGER_KEY]) == ledger_before
-    assert load_ledger(context, "rdp").participations == 2
+    assert [p.read_text() for p in _stored(folder, LEDGER_FILE)] == ledgers_before
+    assert load_ledger(device_store(context, recipe, 1), 99, "rdp").participations == 2
     assert consent.read_manifest(folder).deleted is not None
     # and it stays out in later rounds
     view, _ = _round(context, replace(recipe, seed=1), task)
-    assert view.report[P.DELETED] == 1 and PERSONAL_KEY not in context.state
+    assert view.report[P.DELETED] == 1 and not _stored(folder, PERSONAL_FILE)
 
 
 def test_personal_weights_tensor_values_do_not_survive_deletion(tmp_path):
@@ -103,9 +116,9 @@ def test_personal_weights_tensor_values_do_not_survive_deletion(tmp_path):
     recipe = P.Recipe(local_epochs=1.0, batch_size=4, device_storage=str(tmp_path), delta=1e-3)
     context = _context()
     _round(context, recipe, task)
-    personal = context.state[PERSONAL_KEY].to_torch_state_dict()
+    personal = device_store(context, recipe, 1).personal(before_round=999)
     consent.write_manifest(tmp_path / "device-00001", consent.Manifest(delete_my_data=True))
     _round(context, recipe, task)
-    remaining = [v for record in context.state.values() if hasattr(record, "to_torch_state_dict")
-                 for v in record.to_torch_state_dict().values()]
-    assert not any(torch.equal(v, w) for v in remaining for w in personal.values())
+    remaining = [v for path in (tmp_path / "device-00001").rglob("*.pt")
+                 for v in torch.load(path, weights_only=True).values()]
+    assert personal and not any(torch.equal(v, w) for v in remaining for w in personal.values())

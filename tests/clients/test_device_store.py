@@ -12,16 +12,18 @@ from clients.device import open_device
 from clients.device_state import (
     LEDGER_FILE,
     PERSONAL_FILE,
+    DeviceStore,
+    device_store,
     load_ledger,
     load_personal,
-    save_ledger,
-    save_personal,
+    save_state,
 )
 from clients.trainer import TRAINED, train_on_device
 from fl import protocol as P
 from fl.data import consent
 from fl.data.export import export_folders
 from fl.data.fleet import FleetSpec
+from fl.privacy.ledger import PhotoLedger
 from fl.tasks import get_task
 
 SPEC = FleetSpec(source="device", num_devices=3, photos_min=6, photos_max=10,
@@ -35,39 +37,67 @@ def _supernode(data_dir, state_dir) -> Context:
                                 "state-dir": str(state_dir)})
 
 
+def _files(folder, name):
+    return sorted(folder.rglob(name))
+
+
 def test_state_survives_a_supernode_restart_and_deletion_keeps_the_ledger(tmp_path):
     export = export_folders(tmp_path / "export", people=1, photos=9, controls_csv=False)
     data_dir, state_dir = export / "Person_0000", tmp_path / "state"
     task = get_task({"name": "swap", "width": 8})
-    recipe = P.Recipe(local_epochs=1.0, batch_size=4, delta=1e-3, consent_default="grant")
+    recipe = P.Recipe(local_epochs=1.0, batch_size=4, delta=1e-3, consent_default="grant",
+                      run="run-a")
 
-    def one_round(context):
+    def one_round(context, rnd):
         view = open_device(context, SPEC, recipe, task)
+        store = device_store(context, recipe, 2)
         model = task.build_model(32)
-        load_personal(context, model, task, task.personal_state(model))
-        ledger = load_ledger(context, "rdp")
+        load_personal(store, rnd, model, task, task.personal_state(model))
+        ledger = load_ledger(store, rnd, "rdp")
         outcome = train_on_device(task, model, task.training_tensors(view.data), recipe, ledger)
-        save_personal(context, model, task)
-        save_ledger(context, ledger)
+        save_state(store, rnd, model, task, ledger)
         return view, outcome, task.personal_state(model)
 
-    view, outcome, personal = one_round(_supernode(data_dir, state_dir))
+    view, outcome, personal = one_round(_supernode(data_dir, state_dir), 1)
     assert outcome.status == TRAINED and len(view.data.train) == 7  # its own folder
-    assert {p.name for p in state_dir.iterdir()} == {LEDGER_FILE, PERSONAL_FILE}
+    assert [p.parent for p in _files(state_dir, LEDGER_FILE)] == \
+        [p.parent for p in _files(state_dir, PERSONAL_FILE)]
 
-    restarted = _supernode(data_dir, state_dir)  # nothing in context.state
+    restarted = device_store(_supernode(data_dir, state_dir), recipe, 2)  # a new Context
     model = task.build_model(32)
-    load_personal(restarted, model, task, task.personal_state(task.build_model(32)))
+    assert load_personal(restarted, 2, model, task, task.personal_state(task.build_model(32)))
     assert all(torch.equal(task.personal_state(model)[k], v) for k, v in personal.items())
-    assert load_ledger(restarted, "rdp").participations == 1
-    one_round(restarted)
-    assert load_ledger(_supernode(data_dir, state_dir), "rdp").participations == 2
+    assert load_ledger(restarted, 2, "rdp").participations == 1
+    one_round(_supernode(data_dir, state_dir), 2)
+    assert load_ledger(restarted, 3, "rdp").participations == 2
 
     consent.write_manifest(data_dir, consent.Manifest(delete_my_data=True))
     view = open_device(_supernode(data_dir, state_dir), SPEC, recipe, task)
     assert view.report[P.DELETED] == 1
-    assert {p.name for p in state_dir.iterdir()} == {LEDGER_FILE}
-    assert load_ledger(_supernode(data_dir, state_dir), "rdp").participations == 2
+    assert not _files(state_dir, PERSONAL_FILE) and _files(state_dir, LEDGER_FILE)
+    assert load_ledger(restarted, 3, "rdp").participations == 2
+
+
+def _ledger(participations: int) -> dict:
+    return PhotoLedger(events=[(1.0, 0.25, 4 * participations)],
+                       participations=participations).to_config()
+
+
+def test_a_repeated_round_starts_from_the_state_before_it(tmp_path):
+    """A resumed server sends round 3 again: the device builds on round 2's state,
+    so the abandoned attempt's privacy spend is not counted twice."""
+    store = DeviceStore(tmp_path, run="run-a")
+    weights = {"personal.embedding.weight": torch.zeros(1, 4)}
+    for rnd in (1, 2, 3):
+        store.save(rnd, weights, _ledger(rnd))
+    assert store.ledger(before_round=3)["participations"] == 2  # the redo of round 3
+    store.save(3, weights, _ledger(3))
+    assert store.ledger(before_round=4)["participations"] == 3
+    assert store.ledger(before_round=3)["participations"] == 2
+    assert len(list(tmp_path.glob("gen-*"))) == 2  # superseded and old ones are gone
+    # Another run on the same state directory (a real device) continues the ledger.
+    assert DeviceStore(tmp_path, run="run-b").ledger(before_round=1)["participations"] == 3
+    assert DeviceStore(tmp_path / "fresh", run="run-a").ledger(before_round=1) is None
 
 
 def test_a_supernode_without_data_dir_says_how_to_start_it(tmp_path):

@@ -30,14 +30,17 @@ class ChangeBeforeRound:
         self.grid, self.at_round, self.change, self.sampled = grid, at_round, change, {}
         self.replies = []
 
-    def send_and_receive(self, messages, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
         if messages and messages[0].metadata.message_type == "train":
             rnd = int(messages[0].content[P.CONFIG]["server-round"])
             self.sampled[rnd] = len(messages)
             if rnd == self.at_round:
                 self.change()
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = list(self.grid.pull_messages(message_ids))
         self.replies.extend(replies)
         return replies
 

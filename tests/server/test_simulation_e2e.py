@@ -41,8 +41,8 @@ class RecordingGrid:
     def __init__(self, grid) -> None:
         self.grid, self.replies = grid, []
 
-    def send_and_receive(self, messages, timeout=None):
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+    def pull_messages(self, message_ids):
+        replies = list(self.grid.pull_messages(message_ids))
         self.replies.extend(replies)
         return replies
 

@@ -1,0 +1,177 @@
+"""The report of a sweep: privacy-utility frontier and table, from MLflow.
+
+    python -m experiments.report <sweep id or parent run id> [--out DIR]
+        [--tracking-uri URI]
+
+Reads the sweep's child runs (``fl.tracking.sweep``), and for each the final
+quality (its objective metric) and the epsilons it spent in both units. Writes
+``frontier.png`` (quality against photo-level and against user-level epsilon,
+with the Pareto frontier) and ``sweep.md`` (one row per job) to ``--out``
+(default ``reports/<sweep id>``), and logs both to the parent run as
+``report/``. A multirun calls it on its own when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from fl.tracking import keys as K
+from fl.tracking.mlflow_run import DEFAULT_URI, OBJECTIVE_TAG, quiet_mlflow
+from fl.tracking.privacy_report import plt
+from fl.tracking.sweep import OVERRIDES_TAG, ROLE_TAG, SWEEP_ID_TAG
+
+UNITS = ((K.PHOTO_EPS_MAX, "photo-level epsilon (max over devices)"),
+         (K.USER_EPS, "user-level epsilon"))
+
+
+@dataclass
+class Row:
+    run_id: str
+    overrides: str
+    status: str
+    objective: str
+    quality: float
+    photo_eps: float
+    user_eps: float
+
+
+@dataclass
+class Report:
+    parent_run_id: str
+    rows: list[Row]
+    markdown_path: Path
+    figure_path: Path
+
+
+class ReportError(ValueError):
+    pass
+
+
+def _parent(client: mlflow.MlflowClient, ident: str):
+    """The parent run, given its run id or the sweep id."""
+    try:
+        run = client.get_run(ident)
+        if run.data.tags.get(ROLE_TAG) == "sweep":
+            return run
+    except mlflow.exceptions.MlflowException:
+        pass
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=(
+        f"tags.`{SWEEP_ID_TAG}` = '{ident}' and tags.`{ROLE_TAG}` = 'sweep'"), max_results=1)
+    if not runs:
+        raise ReportError(f"{ident!r} is neither a sweep id nor a sweep's parent run id in "
+                          f"{client.tracking_uri}; a multirun prints its sweep id, and the "
+                          "parent run is named sweep-<sweep id> in the MLflow UI")
+    return runs[0]
+
+
+def _rows(client: mlflow.MlflowClient, parent) -> list[Row]:
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    rows = []
+    for run in sorted(children, key=lambda r: int(r.data.tags.get("fedface.job", 0))):
+        m, tags = run.data.metrics, run.data.tags
+        objective = tags.get(OBJECTIVE_TAG, K.SWAP_PSNR)
+        rows.append(Row(run.info.run_id, tags.get(OVERRIDES_TAG, ""), run.info.status,
+                        objective, m.get(objective, math.nan),
+                        m.get(K.PHOTO_EPS_MAX, math.nan), m.get(K.USER_EPS, math.nan)))
+    return rows
+
+
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Pareto frontier of (epsilon, quality): no other point spends less and gets more."""
+    best, out = -math.inf, []
+    for eps, quality in sorted(p for p in points if not any(map(math.isnan, p))):
+        if quality > best:
+            out.append((eps, quality))
+            best = quality
+    return out
+
+
+def _figure(rows: list[Row]):
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    objective = rows[0].objective if rows else "quality"
+    for ax, (key, label) in zip(axes, UNITS):
+        attr = "photo_eps" if key == K.PHOTO_EPS_MAX else "user_eps"
+        points = [(getattr(r, attr), r.quality) for r in rows]
+        ax.scatter(*zip(*points), color="tab:blue") if points else None
+        for r, (x, y) in zip(rows, points):
+            if not (math.isnan(x) or math.isnan(y)):
+                ax.annotate(r.overrides or r.run_id[:8], (x, y), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+        front = frontier(points)
+        if front:
+            ax.step(*zip(*front), where="post", color="tab:orange", label="frontier")
+            ax.legend(loc="lower right")
+        ax.set(xlabel=label, ylabel=objective, title=f"quality vs {label.split(' (')[0]}")
+    figure.tight_layout()
+    return figure
+
+
+def _fmt(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"
+
+
+def markdown(parent_run_id: str, sweep_id: str, rows: list[Row]) -> str:
+    objective = rows[0].objective if rows else "quality"
+    lines = [f"# Sweep {sweep_id}", "",
+             (f"Parent MLflow run `{parent_run_id}`; {len(rows)} jobs. Quality is the final "
+             f"`{objective}`; epsilons are the final values in each unit "
+             "(`-`: that unit is off)."), "",
+             f"| job overrides | {objective} | photo eps (max) | user eps | status | run |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r.overrides or '-'} | {_fmt(r.quality)} | {_fmt(r.photo_eps)} | "
+              f"{_fmt(r.user_eps)} | {r.status} | `{r.run_id}` |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def build_report(tracking_uri: str, ident: str, out_dir: str | Path | None = None) -> Report:
+    quiet_mlflow()
+    client = mlflow.MlflowClient(tracking_uri)
+    parent = _parent(client, ident)
+    sweep_id = parent.data.tags.get(SWEEP_ID_TAG, parent.info.run_id)
+    rows = _rows(client, parent)
+    if not rows:
+        raise ReportError(f"sweep {sweep_id} has no finished or started jobs in MLflow yet")
+    out = Path(out_dir or Path("reports") / sweep_id)
+    out.mkdir(parents=True, exist_ok=True)
+    md_path = out / "sweep.md"
+    md_path.write_text(markdown(parent.info.run_id, sweep_id, rows))
+    figure = _figure(rows)
+    fig_path = out / "frontier.png"
+    figure.savefig(fig_path, dpi=120)
+    plt.close(figure)
+    for path in (md_path, fig_path):
+        client.log_artifact(parent.info.run_id, str(path), artifact_path="report")
+    return Report(parent.info.run_id, rows, md_path, fig_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.report",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", help="sweep id (printed by the multirun) or parent run id")
+    parser.add_argument("--out", default=None, help="local folder (default reports/<sweep id>)")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI",
+                                                                 DEFAULT_URI))
+    args = parser.parse_args(argv)
+    try:
+        report = build_report(args.tracking_uri, args.sweep, args.out)
+    except ReportError as err:
+        print(f"fedface report: {err}", file=sys.stderr)
+        return 2
+    print(report.markdown_path.read_text())
+    print(f"written: {report.markdown_path}, {report.figure_path}; logged to MLflow run "
+          f"{report.parent_run_id} under report/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""The server's checkpoint: everything needed to continue a run after round r.
+
+Written after every round (and after round 0's evaluation), atomically, to
+``<checkpoint.dir>/<MLflow run id>/last.pt`` and as the run's MLflow artifact
+``checkpoint/last.pt``. It holds only what the server already holds: the shared
+weights (released under DP), the strategy's state, the metric history (which
+carries the fleet accountant's values), the server's view of the device ledgers
+(pseudonymous rows), the round, and the sampling RNG. Devices' personal weights
+and photo-level ledgers stay on the devices (``clients.device_state``).
+
+Devices are keyed by their pseudonymous index, not by Flower node id: node ids
+are new in every simulation or SuperLink session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
+
+from fl.atomic import atomic_write
+
+CHECKPOINT_FORMAT = "fedface-server-checkpoint/1"
+CHECKPOINT_FILE = "last.pt"
+ARTIFACT_PATH = "checkpoint"
+
+
+@dataclass
+class LoopState:
+    """Where the round loop stands after a round."""
+
+    round: int  # the last completed round (0: evaluated before fine-tuning)
+    shared: dict[str, torch.Tensor]
+    history: dict[int, dict[str, float]]
+    devices: dict[int, dict[str, Any]]  # device index -> DeviceRecord fields
+    exhausted: list[int]  # device indices at their photo-level budget
+    panel: list[int]  # device indices of the evaluation panel
+    user_rounds: int  # aggregates released under user-level DP
+    rng: dict[str, Any]  # numpy bit generator state of the device sampling
+    strategy: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Checkpoint:
+    run_id: str  # the MLflow run a resume continues
+    config_yaml: str  # the run's resolved configuration (a resume runs it again)
+    personal_init: dict[str, torch.Tensor]  # public starting point of personal parts
+    loop: LoopState
+
+
+def _encode(value: Any) -> Any:
+    """Strategy state in types ``torch.load(weights_only=True)`` accepts."""
+    if isinstance(value, ArrayRecord):
+        return {"__array_record__": value.to_torch_state_dict()}
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.array(value))}
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and "__array_record__" in value:
+        return ArrayRecord(value["__array_record__"])
+    if isinstance(value, dict) and "__ndarray__" in value:
+        return value["__ndarray__"].numpy()
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def _holds_arrays(value: Any) -> bool:
+    if isinstance(value, ArrayRecord | np.ndarray):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_arrays(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_holds_arrays(v) for v in value)
+    return False
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """The attributes a Flower strategy learns while running (FedAvgM's momentum,
+    FedAdam's moments, current weights): those that hold arrays. Its settings
+    come from the config again on resume."""
+    return {name: _encode(value) for name, value in vars(strategy).items()
+            if _holds_arrays(value)}
+
+
+def restore_strategy(strategy: Strategy, state: dict[str, Any]) -> None:
+    for name, value in state.items():
+        setattr(strategy, name, _decode(value))
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
+    payload = {"format": CHECKPOINT_FORMAT, **vars(checkpoint), "loop": vars(checkpoint.loop)}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable fedface server checkpoint ({err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a fedface server checkpoint ({CHECKPOINT_FORMAT}); "
+                         "resume takes the checkpoint/last.pt of a fedface run, or its run id")
+    payload.pop("format")
+    payload["loop"] = LoopState(**payload["loop"])
+    return Checkpoint(**payload)

@@ -1,0 +1,67 @@
+"""``resume=<MLflow run id or checkpoint path>``: continue a run that stopped.
+
+The resumed run is the *same* experiment: its configuration is the one saved in
+the checkpoint, and only settings that cannot change the result may be given
+again (``RESUMABLE``). Extending ``fleet.rounds`` is refused on purpose: noise
+calibrated to a target epsilon depends on the planned rounds, so changing them
+mid-run would change the privacy accounting under the devices' feet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+from fl.config import ConfigError
+from fl.tracking.mlflow_run import quiet_mlflow, tracking_uri
+from server.checkpoint import ARTIFACT_PATH, CHECKPOINT_FILE, Checkpoint, load_checkpoint
+
+RESUMABLE = ("resume", "verbose", "tracking.uri", "fleet.round_timeout")
+
+
+def local_checkpoint(cfg: DictConfig, run_id: str) -> Path:
+    return Path(cfg.checkpoint.dir) / run_id / CHECKPOINT_FILE
+
+
+def find_checkpoint(resume: str, cfg: DictConfig) -> Path:
+    """A checkpoint file, a run's checkpoint directory, or a run id (looked up in
+    ``checkpoint.dir``, then in the run's MLflow artifacts)."""
+    path = Path(resume)
+    if path.is_file():
+        return path
+    if (path / CHECKPOINT_FILE).is_file():
+        return path / CHECKPOINT_FILE
+    if local_checkpoint(cfg, resume).is_file():
+        return local_checkpoint(cfg, resume)
+    quiet_mlflow()
+    try:
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"runs:/{resume}/{ARTIFACT_PATH}/{CHECKPOINT_FILE}",
+            tracking_uri=tracking_uri(cfg)))
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types for a bad id
+        raise ConfigError(
+            f"resume={resume!r} is neither a checkpoint file nor an MLflow run with a "
+            f"checkpoint at {tracking_uri(cfg)} ({str(err).splitlines()[0]}). Give the run id "
+            "shown when the run started, or the path of its checkpoint/last.pt") from None
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Checkpoint]:
+    """The checkpoint's configuration with the allowed ``overrides`` applied."""
+    checkpoint = load_checkpoint(find_checkpoint(str(cfg.resume), cfg))
+    refused = [o for o in overrides if _key(o) not in RESUMABLE]
+    if refused:
+        raise ConfigError(
+            f"resume continues run {checkpoint.run_id} with its own configuration; "
+            f"{' '.join(refused)} cannot change on resume (allowed: {', '.join(RESUMABLE)}). "
+            "To change settings, start a new run with model.init=runs:/"
+            f"{checkpoint.run_id}/model/shared.pt")
+    saved = OmegaConf.create(checkpoint.config_yaml)
+    allowed = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides])
+    merged = OmegaConf.merge(saved, allowed)
+    return merged, checkpoint
