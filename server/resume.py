@@ -18,7 +18,7 @@ from fl.config import ConfigError
 from fl.tracking.mlflow_run import quiet_mlflow, tracking_uri
 from server.checkpoint import ARTIFACT_PATH, CHECKPOINT_FILE, Checkpoint, load_checkpoint
 
-RESUMABLE = ("resume", "verbose", "tracking.uri", "fleet.round_timeout")
+RESUMABLE = ("resume", "verbose", "tracking.uri", "checkpoint.dir", "fleet.round_timeout")
 
 
 def local_checkpoint(cfg: DictConfig, run_id: str) -> Path:

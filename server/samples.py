@@ -23,7 +23,7 @@ TILE = 96  # pixels per image in the grid (images are scaled up, nearest neighbo
 HEADER = 18
 
 
-def _tile(column: SampleColumn, row: int) -> Image.Image:
+def draw_tile(column: SampleColumn, row: int) -> Image.Image:
     if column.images is not None:
         array = (column.images[row].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round()
         return Image.fromarray(array.astype(np.uint8)).resize((TILE, TILE), Image.NEAREST)
@@ -41,7 +41,7 @@ def grid_image(columns: list[SampleColumn]) -> Image.Image:
     for c, column in enumerate(columns):
         draw.text((c * TILE + 4, 3), column.title, fill="black", font=ImageFont.load_default())
         for r in range(rows):
-            canvas.paste(_tile(column, r), (c * TILE, HEADER + r * TILE))
+            canvas.paste(draw_tile(column, r), (c * TILE, HEADER + r * TILE))
     return canvas
 
 

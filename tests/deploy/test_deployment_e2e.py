@@ -10,7 +10,6 @@ on; the photo-level ledgers are on the devices' disks; nothing is left running.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from clients.device_state import DeviceStore
 from experiments.deploy_demo import (
     CONNECTION,
     DEMO_OVERRIDES,
@@ -130,10 +130,11 @@ def test_a_device_dropping_out_is_counted_and_the_run_goes_on(deployment_run):
 
 def test_ledgers_live_on_the_devices_disks_and_nothing_is_left_running(deployment_run):
     for name, _, state_dir in deployment_run["devices"]:
-        ledger = json.loads((state_dir / "ledger.json").read_text())
+        store = DeviceStore(state_dir, run="a later run")
+        ledger = store.ledger(before_round=1)
         expected = 1 if name == "device-00002" else 2
         assert ledger["participations"] == expected and sum(ledger["steps"]) > 0
-        assert (state_dir / "personal.pt").is_file()
+        assert store.personal(before_round=1) is not None
     for pid in deployment_run["stopped"]:
         assert not Path(f"/proc/{pid}").exists() or \
             Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"

@@ -13,11 +13,13 @@ import math
 import mlflow
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from fl import protocol as P
 from fl.config import compose, fleet_spec, task_params
 from fl.data.fleet import device_photo_count
+from fl.pretrain import load_checkpoint
 from fl.privacy.ledger import epsilon_of
 from fl.privacy.plan import privacy_plan
 from fl.tasks import get_task
@@ -61,7 +63,9 @@ def finished_run(tiny_overrides, tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     overrides = [o for o in tiny_overrides if not o.startswith("fleet.rounds")]
     overrides += ["fleet.rounds=3", "privacy=photo_user", "fleet.sampling=poisson",
-                  "privacy.photo.delta=1e-3", f"tracking.uri={uri}"]
+                  "privacy.photo.delta=1e-3", f"tracking.uri={uri}",
+                  "tracking.samples_every=2", "tracking.register_model=fedface-e2e",
+                  f"checkpoint.dir={tmp / 'checkpoints'}"]
     budget = _user_budget_admitting_two_rounds(overrides)
     cfg = compose(overrides + [f"privacy.user.budget_epsilon={budget}"])
     recorder = {}
@@ -137,6 +141,36 @@ def test_privacy_review_artifacts(finished_run):
     assert "past the budget" in data["stopped_early"]
     markdown = (Path(local) / "report.md").read_text()
     assert "secure aggregation" in markdown and "not covered by DP" in markdown
+
+
+def test_model_samples_system_figure_and_checkpoint_are_in_mlflow(finished_run):
+    cfg, uri, summary, _ = finished_run
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(summary.run_id)
+    # stopped by the user budget after round 2: samples at 0, every 2, and the end
+    assert {a.path for a in client.list_artifacts(summary.run_id, "samples")} == {
+        "samples/round_0000.png", "samples/round_0002.png"}
+    assert {a.path for a in client.list_artifacts(summary.run_id, "system")} == {
+        "system/rounds.png"}
+    assert {a.path for a in client.list_artifacts(summary.run_id, "checkpoint")} == {
+        "checkpoint/last.pt"}
+    rates = client.get_metric_history(summary.run_id, K.UPDATES_PER_SECOND)
+    assert [m.step for m in rates] == [1, 2] and all(m.value > 0 for m in rates)
+
+    # the shared model: registered, loadable as pyfunc, same output as the checkpoint
+    assert run.data.tags["fedface.model_uri"] == "models:/fedface-e2e/1"
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/fedface-e2e/1")
+    assert list(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == \
+        [-1, 3, cfg.data.image_size, cfg.data.image_size]
+    task, spec = get_task(task_params(cfg)), fleet_spec(cfg)
+    frames = task.model_input(None, spec, rows=3)
+    checkpoint = load_checkpoint(client.download_artifacts(summary.run_id, "model/shared.pt"))
+    reference = task.build_model(spec.image_size)
+    reference.load_state_dict({**checkpoint["shared"], **checkpoint["personal_init"]})
+    with torch.no_grad():
+        expected = reference.eval()(frames).numpy()
+    assert np.allclose(model.predict(frames.numpy()), expected, atol=1e-6)
 
 
 def test_device_epsilon_covers_both_participations(finished_run):

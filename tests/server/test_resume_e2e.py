@@ -1,0 +1,119 @@
+"""Checkpoint and resume: a run killed mid-way and resumed ends where an
+uninterrupted run ends, with no privacy spent lost or counted twice."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from fl.config import ConfigError, compose
+from fl.tracking import keys as K
+from server.checkpoint import Checkpoint, LoopState, load_checkpoint, save_checkpoint
+from server.resume import resumed_config
+
+REPO = Path(__file__).resolve().parents[2]
+FINAL_KEYS = (K.PHOTO_EPS_MAX, K.PHOTO_EPS_MEAN, K.PHOTO_EPS_P95, K.USER_EPS)
+
+
+def _train(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "experiments.train", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _run_id(output: str) -> str:
+    return re.search(r"MLflow run ([0-9a-f]{32})", output).group(1)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumed_spends_exactly_what_an_uninterrupted_run_spends(
+        tiny_overrides, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rounds = 4
+    overrides = [o for o in tiny_overrides if not o.startswith("fleet.rounds")] + [
+        f"fleet.rounds={rounds}", f"tracking.uri={uri}", "tracking.samples_every=0",
+        f"checkpoint.dir={tmp_path / 'checkpoints'}", "fleet.sampling=fixed",
+        "fleet.devices_per_round=2"]
+
+    whole = _train([*overrides, f"hydra.run.dir={tmp_path / 'whole'}"])
+    output, _ = whole.communicate(timeout=400)
+    assert whole.returncode == 0, output[-3000:]
+    whole_id = _run_id(output)
+
+    killed = _train([*overrides, f"hydra.run.dir={tmp_path / 'killed'}"])
+    first_line = ""
+    while "MLflow run" not in first_line:
+        first_line = killed.stdout.readline()
+        assert first_line or killed.poll() is None, "the run ended before it started"
+    run_id = _run_id(first_line)
+    checkpoint = tmp_path / "checkpoints" / run_id / "last.pt"
+    while not checkpoint.is_file() or load_checkpoint(checkpoint).loop.round < 1:
+        assert killed.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=60)
+    stopped_after = load_checkpoint(checkpoint).loop.round
+    assert stopped_after < rounds
+
+    resumed = _train([f"resume={run_id}", f"tracking.uri={uri}",
+                      f"checkpoint.dir={tmp_path / 'checkpoints'}",
+                      f"hydra.run.dir={tmp_path / 'resumed'}"])
+    output, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, output[-3000:]
+    assert f"resuming MLflow run {run_id} after round {stopped_after}" in output
+
+    client = mlflow.MlflowClient(uri)
+    run, reference = client.get_run(run_id), client.get_run(whole_id)
+    assert run.info.status == "FINISHED"
+    for key in FINAL_KEYS:
+        assert run.data.metrics[key] == pytest.approx(reference.data.metrics[key], rel=1e-9), key
+    # every round is in the same MLflow run exactly once
+    steps = [m.step for m in client.get_metric_history(run_id, K.PHOTO_EPS_MAX)]
+    assert steps == list(range(1, rounds + 1))
+    assert [m.step for m in client.get_metric_history(run_id, K.SWAP_PSNR)] == \
+        list(range(rounds + 1))
+    # the devices' ledgers were kept on their storage, per run, not by the server
+    storage = Path(next(o.split("=", 1)[1] for o in overrides
+                        if o.startswith("devices.storage_dir")))
+    assert list(storage.glob(f"device-*/state/{run_id}/gen-*/ledger.json"))
+    assert load_checkpoint(checkpoint).loop.round == rounds
+
+
+def _checkpoint(tmp_path: Path, cfg) -> Path:
+    from omegaconf import OmegaConf
+
+    state = LoopState(round=1, shared={"w": torch.zeros(2)}, history={0: {}, 1: {}},
+                      devices={}, exhausted=[], panel=[], user_rounds=1,
+                      rng={"bit_generator": "PCG64"})
+    return save_checkpoint(tmp_path / "last.pt", Checkpoint(
+        "0" * 32, OmegaConf.to_yaml(cfg, resolve=True), {}, state))
+
+
+def test_resume_keeps_the_runs_own_configuration_and_refuses_changes(tmp_path):
+    original = compose(["fleet.rounds=7", "privacy=photo"])
+    path = _checkpoint(tmp_path, original)
+    cfg, checkpoint = resumed_config(compose([f"resume={path}"]),
+                                     [f"resume={path}", "verbose=true"])
+    assert cfg.fleet.rounds == 7 and cfg.privacy.user.enabled is False and cfg.verbose
+    assert checkpoint.loop.round == 1
+    with pytest.raises(ConfigError, match=r"fleet.rounds=9 cannot change on resume"):
+        resumed_config(compose([f"resume={path}"]), [f"resume={path}", "fleet.rounds=9"])
+
+
+def test_resume_of_an_unknown_run_says_what_to_give(tmp_path):
+    cfg = compose([f"resume={'f' * 32}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+                   f"checkpoint.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="neither a checkpoint file nor an MLflow run"):
+        resumed_config(cfg, [])
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable fedface server checkpoint"):
+        resumed_config(compose([f"resume={tmp_path / 'junk.pt'}"]), [])

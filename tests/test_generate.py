@@ -1,0 +1,106 @@
+"""experiments.generate: a logged shared model + one device's personal part +
+real image files -> output images."""
+
+from __future__ import annotations
+
+import argparse
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clients.device_state import DeviceStore
+from experiments.generate import GenerateError, main, parse_controls, task_inputs
+from fl.config import compose, fleet_spec, task_params
+from fl.data.fleet import FleetSpec
+from fl.data.images import read_face
+from fl.pretrain import load_checkpoint
+from fl.tasks import get_task
+from server.simulation import simulate
+
+
+@pytest.fixture(scope="module")
+def swap_run(tiny_overrides, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("generate")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    overrides = [o for o in tiny_overrides if not o.startswith(("fleet.rounds",
+                                                                 "devices.storage_dir"))]
+    cfg = compose([*overrides, "fleet.rounds=1", f"tracking.uri={uri}",
+                   "tracking.samples_every=0", f"devices.storage_dir={tmp / 'devices'}",
+                   f"checkpoint.dir={tmp / 'checkpoints'}"])
+    import os
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        summary = simulate(cfg)
+    finally:
+        os.chdir(cwd)
+    return cfg, uri, summary.run_id, tmp
+
+
+def _jpeg(path, seed: int):
+    pixels = np.random.default_rng(seed).integers(0, 255, (90, 70, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    return path
+
+
+@pytest.mark.slow
+def test_generate_puts_the_devices_face_into_real_jpeg_frames(swap_run, tmp_path):
+    cfg, uri, run_id, tmp = swap_run
+    frames = [str(_jpeg(tmp_path / f"frame{i}.jpg", i)) for i in range(2)]
+    out = tmp_path / "out"
+    assert main(["--model", run_id, "--device", "1", "--frames", *frames, "--out", str(out),
+                 "--tracking-uri", uri]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["frame0-generated.png", "frame1-generated.png"]
+
+    # exactly the shared model with device 1's own personal part, on the decoded JPEGs
+    task, spec = get_task(task_params(cfg)), fleet_spec(cfg)
+    mlflow.set_tracking_uri(uri)
+    shared = load_checkpoint(mlflow.artifacts.download_artifacts(
+        f"runs:/{run_id}/model/shared.pt"))
+    personal = DeviceStore(tmp / "devices" / "device-00001" / "state" / run_id,
+                           run_id).personal(before_round=99)
+    model = task.build_model(spec.image_size)
+    model.load_state_dict({**shared["shared"], **shared["personal_init"], **personal})
+    inputs = torch.from_numpy(np.stack([read_face(f, spec.image_size)[0] for f in frames]))
+    with torch.no_grad():
+        expected = model.eval()(inputs)[0].permute(1, 2, 0).numpy() * 255
+    got = np.asarray(Image.open(out / "frame0-generated.png"), dtype=np.float32)
+    assert got.shape == (spec.image_size, spec.image_size, 3)
+    assert np.abs(got - expected).max() <= 0.51  # only the rounding to 8 bits
+    public = task.build_model(spec.image_size)
+    public.load_state_dict({**shared["shared"], **shared["personal_init"]})
+    with torch.no_grad():
+        assert not torch.allclose(public.eval()(inputs), model(inputs))  # personal part used
+
+    # the registered-model route and a device that never trained in this run
+    assert main(["--model", f"runs:/{run_id}/model", "--device", "0", "--clip", "1",
+                 "--out", str(tmp_path / "clip"), "--tracking-uri", uri]) == 0
+    assert len(list((tmp_path / "clip").iterdir())) == cfg.data.clip_length
+    assert main(["--model", run_id, "--device", "0", "--frames", frames[0],
+                 "--storage-dir", str(tmp_path / "elsewhere"), "--out", str(out),
+                 "--tracking-uri", uri]) == 2
+
+
+def test_portrait_inputs_from_controls_and_a_real_backdrop_photo(tmp_path):
+    spec = FleetSpec(image_size=32)
+    photo = _jpeg(tmp_path / "backdrop.jpg", 3)
+    args = argparse.Namespace(frames=None, clip=0, backdrop_image=str(photo),
+                              controls=["yaw=0.4,smile=0.9", "light_x=-0.5"])
+    inputs = task_inputs(args, "portrait", spec)
+    assert inputs.tensor.shape == (2, 8)
+    assert inputs.tensor[0, :5].tolist() == pytest.approx([0.4, 0.0, 0.9, 0.0, -0.3])
+    assert inputs.tensor[1, 3] == pytest.approx(-0.5)
+    with pytest.raises(GenerateError, match="unknown control 'grin'"):
+        parse_controls("grin=1")
+    with pytest.raises(GenerateError, match="a portrait needs --controls"):
+        task_inputs(argparse.Namespace(frames=None, clip=0, backdrop_image=None,
+                                       controls=None), "portrait", spec)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    with pytest.raises(GenerateError, match="not an image file"):
+        task_inputs(argparse.Namespace(frames=[str(notes)], clip=0, controls=None,
+                                       backdrop_image=None), "swap", spec)
