@@ -27,8 +27,8 @@ from fl.tracking.mlflow_run import DEFAULT_URI, OBJECTIVE_TAG, quiet_mlflow
 from fl.tracking.privacy_report import plt
 from fl.tracking.sweep import OVERRIDES_TAG, ROLE_TAG, SWEEP_ID_TAG
 
-UNITS = ((K.PHOTO_EPS_MAX, "photo-level epsilon (max over devices)"),
-         (K.USER_EPS, "user-level epsilon"))
+UNITS = (("photo_eps", "photo-level epsilon (max over devices)"),  # Row field, axis label
+         ("user_eps", "user-level epsilon"))
 
 
 @dataclass
@@ -99,10 +99,9 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def _figure(rows: list[Row]):
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     objective = rows[0].objective if rows else "quality"
-    for ax, (key, label) in zip(axes, UNITS):
-        attr = "photo_eps" if key == K.PHOTO_EPS_MAX else "user_eps"
+    for ax, (attr, label) in zip(axes, UNITS):
         points = [(getattr(r, attr), r.quality) for r in rows]
-        ax.scatter(*zip(*points), color="tab:blue") if points else None
+        ax.scatter([x for x, _ in points], [y for _, y in points], color="tab:blue")
         for r, (x, y) in zip(rows, points):
             if not (math.isnan(x) or math.isnan(y)):
                 ax.annotate(r.overrides or r.run_id[:8], (x, y), fontsize=7,

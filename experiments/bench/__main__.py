@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import sys
 
-from experiments.bench import fleet, init_and_personal, local_step, privacy_utility, renderer
+from experiments.bench import (
+    fleet,
+    init_and_personal,
+    local_step,
+    privacy_utility,
+    renderer,
+    tracking_overhead,
+)
 from experiments.bench.common import save, table
 
 BENCHES = {"renderer": renderer.run, "local_step": local_step.run, "fleet": fleet.run,
-           "privacy_utility": privacy_utility.run, "init_and_personal": init_and_personal.run}
+           "privacy_utility": privacy_utility.run, "init_and_personal": init_and_personal.run,
+           "tracking_overhead": tracking_overhead.run}
 
 
 def main(names: list[str]) -> None:

@@ -45,11 +45,15 @@ def tracking_uri(cfg: DictConfig) -> str:
 def quiet_mlflow() -> None:
     """Keep the console for fedface's own lines: MLflow's sqlite store trips a
     SQLAlchemy deprecation and its tables a pandas one (both MLflow's to fix),
-    and its INFO chatter (creating tables, validating examples) is not news.
+    and its INFO chatter (creating tables, validating examples) goes to the log
+    file (the root logger's handlers: Hydra's job log) instead of the console.
     Warnings and errors still show."""
     warnings.filterwarnings("ignore", message=".*noload.*")
     warnings.filterwarnings("ignore", message=".*select_dtypes.*")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    mlflow_logger = logging.getLogger("mlflow")
+    for handler in mlflow_logger.handlers:
+        handler.setLevel(logging.WARNING)
+    mlflow_logger.propagate = True
 
 
 class RunLogger:
