@@ -122,8 +122,10 @@ class PortraitTask(Task):
                        rows: int) -> list[SampleColumn]:
         model.eval()
         conds, truth = studio_truth(identity, spec.image_size)
-        labels = [f"yaw {a.yaw:+.1f}\nsmile {a.smile:.1f}\nlight {a.light_x:+.1f}"
-                  for a in studio_panel()[:rows]]
+        panel = studio_panel()
+        pick = np.linspace(0, len(panel) - 1, min(rows, len(panel))).round().astype(int)
+        labels = [f"yaw {panel[i].yaw:+.1f}\nsmile {panel[i].smile:.1f}\n"
+                  f"light {panel[i].light_x:+.1f}" for i in pick]
         return [SampleColumn("requested controls", labels=labels),
-                SampleColumn("portrait", model(conds[:rows])),
-                SampleColumn("ground truth", truth[:rows])]
+                SampleColumn("portrait", model(conds[pick])),
+                SampleColumn("ground truth", truth[pick])]

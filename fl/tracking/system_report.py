@@ -7,6 +7,8 @@ machine, not the method.
 
 from __future__ import annotations
 
+from matplotlib.ticker import MaxNLocator
+
 from fl.tracking import keys as K
 from fl.tracking.privacy_report import plt
 
@@ -20,5 +22,7 @@ def system_chart(history: dict[int, dict[str, float]]):
                  marker="o", color="tab:green")
     rate_ax.set(xlabel="round", ylabel="updates / s", title="device updates per second",
                 ylim=(0, None))
+    for ax in (time_ax, rate_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
     return figure

@@ -14,6 +14,7 @@ from fl.data.fleet import PUBLIC_ID_OFFSET, FleetSpec, swap_benchmark, synthetic
 from fl.data.synthfaces import Identity, render
 from fl.tasks import get_task
 from fl.tasks.base import SampleColumn
+from fl.tasks.portrait import studio_panel
 from server.checkpoint import (
     Checkpoint,
     LoopState,
@@ -82,3 +83,16 @@ def test_frontier_keeps_points_no_other_beats_on_both_axes():
     assert frontier([]) == []
     with pytest.raises(TypeError):
         frontier(None)
+
+
+def test_portrait_samples_label_the_requested_controls_of_their_ground_truth():
+    spec = FleetSpec(image_size=32)
+    task = get_task({"name": "portrait", "width": 8})
+    identity = Identity.sample(spec.seed, PUBLIC_ID_OFFSET + spec.num_public)
+    controls, portraits, truth = task.sample_columns(task.build_model(32), identity, spec, 4)
+    assert controls.labels[0] == "yaw -0.6\nsmile 0.1\nlight -0.5"
+    assert controls.labels[-1] == "yaw +0.6\nsmile 0.9\nlight +0.5"
+    panel = studio_panel()
+    expected = render(identity, [panel[0], panel[-1]], 32)
+    assert np.array_equal(truth.images[[0, -1]].numpy(), expected)
+    assert portraits.images.shape == (4, 3, 32, 32)
