@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fl import config as C
 from fl import protocol as P
@@ -27,13 +27,12 @@ from fl.privacy.plan import privacy_plan
 from fl.tasks import get_task
 from fl.tracking.mlflow_run import OBJECTIVE_TAG, RunLogger
 from fl.tracking.model_init import init_source, resolve_init
-from server.checkpoint import ARTIFACT_PATH as CHECKPOINT_ARTIFACT
-from server.checkpoint import Checkpoint, LoopState, save_checkpoint
-from server.console import format_round, format_summary, last_value
+from server.checkpoint import Checkpoint
+from server.console import format_summary, last_value
 from server.loop import LoopSettings, RoundLoop
 from server.progress import Progress
-from server.resume import local_checkpoint, resumed_config
-from server.samples import sample_grid
+from server.recorder import RoundRecorder
+from server.resume import resumed_config
 
 
 @dataclass
@@ -55,11 +54,15 @@ def build_strategy(cfg: DictConfig):
                        weighted_by_key=P.WEIGHT_KEY)
 
 
-def _log_checkpointed_round(logger: RunLogger, state: LoopState) -> None:
-    """A run stopped between its checkpoint and its metrics: log them now."""
-    metrics = state.history.get(state.round, {})
-    if metrics and state.round not in logger.logged_steps(next(iter(metrics))):
-        logger.log_metrics(metrics, step=state.round)
+def _starting_point(cfg: DictConfig, task, spec, log: Callable[[str], None]):
+    """(shared weights, public personal init, where they came from) of a new run."""
+    init_path = resolve_init(cfg, log)
+    checkpoint = load_checkpoint(init_path)
+    # Personal pieces the checkpoint does not hold (e.g. an adapter that
+    # pretraining never trains) start from their fresh initialisation.
+    personal_init = {**task.personal_state(task.build_model(spec.image_size)),
+                     **checkpoint["personal_init"]}
+    return checkpoint["shared"], personal_init, init_path
 
 
 def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say,
@@ -71,22 +74,15 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
     plan = privacy_plan(cfg)
     f = cfg.fleet
     if resume is None:
-        init_path = resolve_init(cfg, log)
-        checkpoint = load_checkpoint(init_path)
-        shared = checkpoint["shared"]
-        # Personal pieces the checkpoint does not hold (e.g. an adapter that
-        # pretraining never trains) start from their fresh initialisation.
-        personal_init = {**task.personal_state(task.build_model(spec.image_size)),
-                         **checkpoint["personal_init"]}
-    else:
-        shared, personal_init = resume.loop.shared, resume.personal_init
-    logger = RunLogger(cfg, resume_run_id=resume.run_id if resume else None)
-    if resume is None:
+        shared, personal_init, init_path = _starting_point(cfg, task, spec, log)
+        logger = RunLogger(cfg)
         logger.log_params(plan.params())
         logger.set_tag("fedface.init", init_source(cfg, init_path))
         logger.set_tag(OBJECTIVE_TAG, C.objective_key(cfg))
         log(f"MLflow run {logger.run_id} ({logger.uri})")
     else:
+        shared, personal_init = resume.loop.shared, resume.personal_init
+        logger = RunLogger(cfg, resume_run_id=resume.run_id)
         logger.set_tag("fedface.resumed_after_round", str(resume.loop.round))
         log(f"resuming MLflow run {logger.run_id} after round {resume.loop.round} "
             f"of {f.rounds} ({logger.uri})")
@@ -97,40 +93,18 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
         newuser_identities=f.newuser_identities, newuser_steps=f.newuser_steps,
         round_timeout=f.round_timeout, seed=cfg.seed, photo=plan.photo, user=plan.user)
     progress = Progress(f.rounds)
-    checkpoint_path = local_checkpoint(cfg, logger.run_id)
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    sampled_rounds: set[int] = set()
-
-    def log_samples(rnd: int, state_shared: dict) -> None:
-        image = sample_grid(task, state_shared, personal_init, spec, f.newuser_steps, cfg.seed)
-        logger.log_image(image, f"samples/round_{rnd:04d}.png")
-        sampled_rounds.add(rnd)
-
-    def on_round(rnd: int, metrics: dict[str, float], state: LoopState) -> None:
-        # Checkpoint first: a stop after it loses no round; a stop before it
-        # repeats this round on resume (metrics are logged once either way).
-        save_checkpoint(checkpoint_path, Checkpoint(logger.run_id, config_yaml, personal_init,
-                                                    state))
-        logger.log_artifact(checkpoint_path, CHECKPOINT_ARTIFACT)
-        logger.log_metrics(metrics, step=rnd)
-        every = int(cfg.tracking.samples_every)
-        if every > 0 and (rnd % every == 0 or rnd == f.rounds):
-            log_samples(rnd, state.shared)
-        log(format_round(rnd, f.rounds, metrics) + "  " + progress.timing(rnd))
-
+    recorder = RoundRecorder(cfg, logger, task, spec, personal_init, progress, log)
     if resume is not None:
-        _log_checkpointed_round(logger, resume.loop)
+        recorder.relog_checkpointed_round(resume.loop)
     loop = RoundLoop(grid, build_strategy(cfg), task, spec, settings,
                      P.round_config(recipe, C.task_params(cfg), spec),
-                     personal_init, on_round, progress)
+                     personal_init, recorder, progress)
     try:
         result = loop.run(shared, resume.loop if resume else None)
         if result.stopped:
             log(f"stopped early: {result.stopped}")
             logger.set_tag("fedface.stopped", result.stopped)
-        last = max(result.history)
-        if int(cfg.tracking.samples_every) > 0 and last not in sampled_rounds:
-            log_samples(last, result.shared)
+        recorder.final_samples(max(result.history), result.shared)
         model_uri = logger.log_shared_model(result.shared, personal_init, C.task_params(cfg),
                                             spec, cfg.tracking.register_model)
         logger.log_privacy_review(plan, result.history, result.devices, result.stopped)
