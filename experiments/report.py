@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 
 from fl.tracking import keys as K
 from fl.tracking.mlflow_run import DEFAULT_URI, OBJECTIVE_TAG, quiet_mlflow
@@ -38,6 +39,7 @@ class Row:
     status: str
     objective: str
     quality: float
+    before: float  # the objective at round 0: the starting model, before fine-tuning
     photo_eps: float
     user_eps: float
 
@@ -80,10 +82,20 @@ def _rows(client: mlflow.MlflowClient, parent) -> list[Row]:
     for run in sorted(children, key=lambda r: int(r.data.tags.get("fedface.job", 0))):
         m, tags = run.data.metrics, run.data.tags
         objective = tags.get(OBJECTIVE_TAG, K.SWAP_PSNR)
+        start = [h.value for h in client.get_metric_history(run.info.run_id, objective)
+                 if h.step == 0]
         rows.append(Row(run.info.run_id, tags.get(OVERRIDES_TAG, ""), run.info.status,
-                        objective, m.get(objective, math.nan),
+                        objective, m.get(objective, math.nan), start[0] if start else math.nan,
                         m.get(K.PHOTO_EPS_MAX, math.nan), m.get(K.USER_EPS, math.nan)))
     return rows
+
+
+def short_labels(rows: list[Row]) -> list[str]:
+    """Each job's overrides without those every job shares (what the sweep varied)."""
+    tokens = [r.overrides.split() for r in rows]
+    common = set.intersection(*map(set, tokens)) if tokens else set()
+    return [" ".join(t for t in ts if t not in common) or r.run_id[:8]
+            for ts, r in zip(tokens, rows)]
 
 
 def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -97,19 +109,25 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def _figure(rows: list[Row]):
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    objective = rows[0].objective if rows else "quality"
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    objective = rows[0].objective
+    labels = short_labels(rows)
+    before = [r.before for r in rows if not math.isnan(r.before)]
     for ax, (attr, label) in zip(axes, UNITS):
         points = [(getattr(r, attr), r.quality) for r in rows]
-        ax.scatter([x for x, _ in points], [y for _, y in points], color="tab:blue")
-        for r, (x, y) in zip(rows, points):
+        ax.scatter([x for x, _ in points], [y for _, y in points], color="tab:blue",
+                   zorder=3)
+        for text, (x, y) in zip(labels, points):
             if not (math.isnan(x) or math.isnan(y)):
-                ax.annotate(r.overrides or r.run_id[:8], (x, y), fontsize=7,
-                            textcoords="offset points", xytext=(3, 3))
+                ax.annotate(text, (x, y), fontsize=7, textcoords="offset points",
+                            xytext=(4, -10))
         front = frontier(points)
         if front:
             ax.step(*zip(*front), where="post", color="tab:orange", label="frontier")
-            ax.legend(loc="lower right")
+        if before:
+            ax.axhline(float(np.median(before)), color="grey", linestyle="--",
+                       label="before fine-tuning")
+        ax.legend(loc="best", fontsize=8)
         ax.set(xlabel=label, ylabel=objective, title=f"quality vs {label.split(' (')[0]}")
     figure.tight_layout()
     return figure
@@ -125,10 +143,12 @@ def markdown(parent_run_id: str, sweep_id: str, rows: list[Row]) -> str:
              (f"Parent MLflow run `{parent_run_id}`; {len(rows)} jobs. Quality is the final "
              f"`{objective}`; epsilons are the final values in each unit "
              "(`-`: that unit is off)."), "",
-             f"| job overrides | {objective} | photo eps (max) | user eps | status | run |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r.overrides or '-'} | {_fmt(r.quality)} | {_fmt(r.photo_eps)} | "
-              f"{_fmt(r.user_eps)} | {r.status} | `{r.run_id}` |" for r in rows]
+             (f"| job overrides | {objective} | before fine-tuning | photo eps (max) | "
+             "user eps | status | run |"),
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.overrides or '-'} | {_fmt(r.quality)} | {_fmt(r.before)} | "
+              f"{_fmt(r.photo_eps)} | {_fmt(r.user_eps)} | {r.status} | `{r.run_id}` |"
+              for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvgM
 
-from experiments.report import frontier
+from experiments.report import Row, frontier, short_labels
 from fl.data.fleet import PUBLIC_ID_OFFSET, FleetSpec, swap_benchmark, synthetic_device
 from fl.data.synthfaces import Identity, render
 from fl.tasks import get_task
@@ -83,6 +83,14 @@ def test_frontier_keeps_points_no_other_beats_on_both_axes():
     assert frontier([]) == []
     with pytest.raises(TypeError):
         frontier(None)
+
+
+def test_report_labels_jobs_by_what_the_sweep_varied():
+    rows = [Row(f"run{k}", f"a=1 b={k} experiment=x", "FINISHED", "q", 1.0, 0.5, 1.0, 1.0)
+            for k in range(2)]
+    assert short_labels(rows) == ["b=0", "b=1"]
+    rows[1].overrides = rows[0].overrides
+    assert short_labels(rows) == ["run0", "run1"]  # nothing varied: fall back to run ids
 
 
 def test_portrait_samples_label_the_requested_controls_of_their_ground_truth():
