@@ -53,7 +53,12 @@ def _key(override: str) -> str:
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Checkpoint]:
     """The checkpoint's configuration with the allowed ``overrides`` applied."""
-    checkpoint = load_checkpoint(find_checkpoint(str(cfg.resume), cfg))
+    try:
+        checkpoint = load_checkpoint(find_checkpoint(str(cfg.resume), cfg))
+    except ConfigError:
+        raise
+    except ValueError as err:  # a file that is not a fedface checkpoint
+        raise ConfigError(f"resume={cfg.resume!r}: {err}") from None
     refused = [o for o in overrides if _key(o) not in RESUMABLE]
     if refused:
         raise ConfigError(

@@ -21,7 +21,7 @@ from fl.config import flatten
 from fl.data.fleet import FleetSpec
 from fl.pretrain import save_checkpoint
 from fl.privacy.plan import PrivacyPlan
-from fl.tracking.mlflow_model import log_shared_model
+from fl.tracking.mlflow_model import log_shared_model as log_pyfunc_model
 from fl.tracking.privacy_report import (
     as_json,
     epsilon_chart,
@@ -111,7 +111,7 @@ class RunLogger:
         with tempfile.TemporaryDirectory() as tmp:
             path = save_checkpoint(Path(tmp) / "shared.pt", shared_state, personal_init)
             mlflow.log_artifact(str(path), artifact_path="model")
-        uri = log_shared_model(task_params, spec, shared_state, personal_init, registered_name)
+        uri = log_pyfunc_model(task_params, spec, shared_state, personal_init, registered_name)
         mlflow.set_tag("fedface.model_uri", uri)
         return uri
 
