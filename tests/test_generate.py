@@ -1,5 +1,6 @@
-"""experiments.generate: a logged shared model + one device's personal part +
-real image files -> output images."""
+"""A run through experiments.train's entry function (what a sweeper calls; it
+returns the configured objective), then experiments.generate on it: the logged
+shared model + one device's personal part + real image files -> output images."""
 
 from __future__ import annotations
 
@@ -13,31 +14,44 @@ from PIL import Image
 
 from clients.device_state import DeviceStore
 from experiments.generate import GenerateError, main, parse_controls, task_inputs
+from experiments.train import main as train_main
 from fl.config import compose, fleet_spec, task_params
 from fl.data.fleet import FleetSpec
 from fl.data.images import read_face
 from fl.pretrain import load_checkpoint
 from fl.tasks import get_task
-from server.simulation import simulate
 
 
 @pytest.fixture(scope="module")
 def swap_run(tiny_overrides, tmp_path_factory):
+    """One run through the researcher's entry point (``experiments.train``'s
+    function, as a Hydra sweeper calls it), returning a configured objective."""
     tmp = tmp_path_factory.mktemp("generate")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     overrides = [o for o in tiny_overrides if not o.startswith(("fleet.rounds",
                                                                  "devices.storage_dir"))]
     cfg = compose([*overrides, "fleet.rounds=1", f"tracking.uri={uri}",
                    "tracking.samples_every=0", f"devices.storage_dir={tmp / 'devices'}",
-                   f"checkpoint.dir={tmp / 'checkpoints'}"])
+                   f"checkpoint.dir={tmp / 'checkpoints'}", "objective.metric=quality/recon_psnr"])
     import os
     cwd = os.getcwd()
     os.chdir(tmp)
     try:
-        summary = simulate(cfg)
+        objective = train_main.__wrapped__(cfg)
     finally:
         os.chdir(cwd)
-    return cfg, uri, summary.run_id, tmp
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fedface").experiment_id])
+    return cfg, uri, run.info.run_id, tmp, objective
+
+
+@pytest.mark.slow
+def test_train_returns_the_configured_objective_for_sweepers(swap_run):
+    _, uri, run_id, _, objective = swap_run
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    assert run.data.tags["fedface.objective"] == "quality/recon_psnr"
+    assert objective == pytest.approx(run.data.metrics["quality/recon_psnr"], rel=1e-12)
+    assert objective != pytest.approx(run.data.metrics["quality/swap_psnr"])
 
 
 def _jpeg(path, seed: int):
@@ -48,7 +62,7 @@ def _jpeg(path, seed: int):
 
 @pytest.mark.slow
 def test_generate_puts_the_devices_face_into_real_jpeg_frames(swap_run, tmp_path):
-    cfg, uri, run_id, tmp = swap_run
+    cfg, uri, run_id, tmp, _ = swap_run
     frames = [str(_jpeg(tmp_path / f"frame{i}.jpg", i)) for i in range(2)]
     out = tmp_path / "out"
     assert main(["--model", run_id, "--device", "1", "--frames", *frames, "--out", str(out),
