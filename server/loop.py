@@ -233,10 +233,11 @@ class RoundLoop:
                 break
             sampled = self._sample_cohort(eligible)
             self.progress.round_started(rnd, len(sampled))
-            arrays = ArrayRecord(result.shared)
-            replies = self._send(self.strategy.configure_train(
-                rnd, arrays, ConfigRecord(dict(self.config)), SampledGrid(self.grid, sampled)),
-                "trained")
+            replies = []
+            if sampled:  # Poisson sampling may pick nobody; a strategy would wait for nodes
+                replies = self._send(self.strategy.configure_train(
+                    rnd, ArrayRecord(result.shared), ConfigRecord(dict(self.config)),
+                    SampledGrid(self.grid, sampled)), "trained")
             train_seconds = time.time() - start
             metrics = self._collect_train(rnd, len(sampled), replies, result, exhausted)
             metrics.update(self._evaluate(rnd, result.shared, panel))
