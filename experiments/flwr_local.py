@@ -73,15 +73,17 @@ def run_overrides(overrides: list[str]) -> list[str]:
     from fl.tracking.model_init import resolve_init
 
     cfg = compose(overrides)
-    validate(cfg)
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{(Path.cwd() / uri.removeprefix('sqlite:///')).resolve()}"
-    pinned = {"model.init": str(Path(resolve_init(cfg)).resolve()), "tracking.uri": uri,
-              "devices.storage_dir": str(Path(cfg.devices.storage_dir).resolve())}
-    for key in ("root", "controls_csv"):
-        if cfg.data.get(key):
-            pinned[f"data.{key}"] = str(Path(cfg.data[key]).resolve())
+    pinned = {"tracking.uri": uri, "checkpoint.dir": str(Path(cfg.checkpoint.dir).resolve())}
+    if not cfg.resume:  # a resumed run's saved configuration already holds its paths
+        validate(cfg)
+        pinned |= {"model.init": str(Path(resolve_init(cfg)).resolve()),
+                   "devices.storage_dir": str(Path(cfg.devices.storage_dir).resolve())}
+        for key in ("root", "controls_csv"):
+            if cfg.data.get(key):
+                pinned[f"data.{key}"] = str(Path(cfg.data[key]).resolve())
     kept = [o for o in overrides if o.split("=", 1)[0] not in pinned]
     return kept + [f"{key}={value}" for key, value in pinned.items()]
 
