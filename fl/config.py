@@ -6,6 +6,7 @@ override fails in a second with a fix instead of an hour into a run.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from fl.privacy.user_level import SAMPLING, USER_ACCOUNTANTS
 from fl.protocol import Recipe
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 class ConfigError(ValueError):
@@ -96,6 +98,23 @@ def validate(cfg: DictConfig) -> None:
                  "replacement event); or set fleet.sampling=poisson")
         _require((u.budget_epsilon or 0) >= 0, "privacy.user.budget_epsilon", u.budget_epsilon,
                  "non-negative (0 means no budget)")
+    _validate_tracking(cfg)
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a sqlite store here."""
+    return str(cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+
+
+def _validate_tracking(cfg: DictConfig) -> None:
+    t = cfg.tracking
+    _require(t.samples_every >= 0, "tracking.samples_every", t.samples_every,
+             "0 (no sample grids) or a positive number of rounds")
+    uri = tracking_uri(cfg)
+    _require(not t.register_model or "://" in uri and not uri.startswith("file:"),
+             "tracking.register_model", t.register_model,
+             f"null with the file store {uri!r}: the MLflow Model Registry needs a database "
+             "(sqlite:///mlflow.db) or a tracking server (http://host:port)")
 
 
 def _validate_source(cfg: DictConfig) -> None:

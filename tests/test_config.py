@@ -24,6 +24,7 @@ def test_default_config_is_valid_and_flattens_to_params():
     ("task.name=nope", "task.name"),
     ("privacy.photo.accountant=gdp", "privacy.photo.accountant"),
     ("local.batch_size=0", "local.batch_size"),
+    ("tracking.samples_every=-1", "tracking.samples_every"),
 ])
 def test_invalid_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -127,3 +128,10 @@ def test_an_on_disk_fleet_is_sized_by_its_data(lfw, tmp_path):
     with pytest.raises(ConfigError, match=r"data\.root"):
         validate(compose(["data=celeba", f"data.root={tmp_path / 'missing'}",
                           "devices.consent_default=grant"]))
+
+
+def test_registering_a_model_needs_a_database_backed_store(tmp_path):
+    with pytest.raises(ConfigError, match="Model Registry needs a database"):
+        validate(compose(["tracking.register_model=fedface", f"tracking.uri=file://{tmp_path}"]))
+    validate(compose(["tracking.register_model=fedface",
+                      f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]))

@@ -8,7 +8,6 @@ one override away.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -17,7 +16,7 @@ import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fl.config import flatten
+from fl.config import DEFAULT_TRACKING_URI, flatten, tracking_uri
 from fl.data.fleet import FleetSpec
 from fl.pretrain import save_checkpoint
 from fl.privacy.plan import PrivacyPlan
@@ -33,13 +32,9 @@ from fl.tracking.privacy_report import (
 from fl.tracking.sweep import child_tags, current_sweep, parent_run_id
 from fl.tracking.system_report import system_chart
 
-DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_URI = DEFAULT_TRACKING_URI
 CONFIG_ARTIFACT = "config/config.yaml"
 OBJECTIVE_TAG = "fedface.objective"  # the metric key experiments.train returns
-
-
-def tracking_uri(cfg: DictConfig) -> str:
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
 def quiet_mlflow() -> None:
