@@ -104,11 +104,11 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
         if result.stopped:
             log(f"stopped early: {result.stopped}")
             logger.set_tag("fedface.stopped", result.stopped)
+        logger.log_privacy_review(plan, result.history, result.devices, result.stopped)
+        logger.log_system_figure(result.history)
         recorder.final_samples(max(result.history), result.shared)
         model_uri = logger.log_shared_model(result.shared, personal_init, C.task_params(cfg),
                                             spec, cfg.tracking.register_model)
-        logger.log_privacy_review(plan, result.history, result.devices, result.stopped)
-        logger.log_system_figure(result.history)
     except BaseException:
         logger.end("FAILED")  # everything logged so far stays in MLflow
         raise
