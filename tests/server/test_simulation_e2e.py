@@ -173,6 +173,16 @@ def test_model_samples_system_figure_and_checkpoint_are_in_mlflow(finished_run):
     assert np.allclose(model.predict(frames.numpy()), expected, atol=1e-6)
 
 
+def test_generate_takes_the_registered_model(finished_run, tmp_path):
+    from experiments.generate import main as generate
+
+    cfg, uri, _, _ = finished_run
+    # the devices' storage comes from the run's saved configuration
+    assert generate(["--model", "models:/fedface-e2e/1", "--device", "2", "--clip", "1",
+                     "--out", str(tmp_path), "--tracking-uri", uri]) == 0
+    assert len(list(tmp_path.glob("clip-frame-*-generated.png"))) == cfg.data.clip_length
+
+
 def test_device_epsilon_covers_both_participations(finished_run):
     cfg, uri, summary, _ = finished_run
     spec = fleet_spec(cfg)
