@@ -45,7 +45,8 @@ class DeviceStore:
         self.root, self.run = Path(root), run
 
     def _generations(self) -> list[tuple[int, dict, Path]]:
-        """(sequence number, stamp, directory), oldest first."""
+        """(sequence number, stamp, directory), oldest first. Read from disk every
+        time (at most two small folders): another process may have written since."""
         found = []
         for folder in self.root.glob(f"{GENERATION_PREFIX}*"):
             stamp_file = folder / STAMP_FILE
@@ -88,17 +89,15 @@ class DeviceStore:
         (tmp / LEDGER_FILE).write_text(json.dumps(ledger))
         (tmp / STAMP_FILE).write_text(json.dumps({"run": self.run, "round": server_round}))
         tmp.rename(final)
-        stale = [g for g in generations if g[1]["run"] == self.run and g[1]["round"] >= server_round]
-        kept = [g for g in generations if g not in stale][-(KEEP_GENERATIONS - 1):]
+        # Keep the generation this one was built on; drop older ones and those of
+        # this run's rounds >= server_round (an abandoned attempt, now superseded).
+        earlier = [folder for _, stamp, folder in generations
+                   if stamp["run"] != self.run or stamp["round"] < server_round]
+        kept = set(earlier[-(KEEP_GENERATIONS - 1):])
         for _, _, folder in generations:
-            if all(folder != k[2] for k in kept):
+            if folder not in kept:
                 shutil.rmtree(folder, ignore_errors=True)
         return final
-
-    def erase_personal(self) -> None:
-        """"Delete my data": personal weights go from every generation; ledgers stay."""
-        for _, _, folder in self._generations():
-            (folder / PERSONAL_FILE).unlink(missing_ok=True)
 
 
 def device_root(context: Context, recipe: P.Recipe, device: int) -> Path:

@@ -172,7 +172,8 @@ def write_connection(home: Path, port: int, ca: Path) -> None:
 def main(overrides: list[str]) -> int:
     work = Path(os.environ.get("FEDFACE_DEPLOY_DIR", REPO / ".fedface-deploy")).resolve()
     devices = prepare(work)
-    pinned = run_overrides([*DEMO_OVERRIDES, *overrides])
+    pinned = run_overrides([*DEMO_OVERRIDES, f"checkpoint.dir={work / 'checkpoints'}",
+                            *overrides])
     home = work / "flwr-home"
     deployment = Deployment(work, flwr_env(home))
     write_connection(home, deployment.port, deployment.certs / "ca.crt")

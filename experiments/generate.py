@@ -37,7 +37,7 @@ from fl.data.fleet import swap_benchmark
 from fl.data.images import UnusablePhoto, read_face
 from fl.pretrain import load_checkpoint
 from fl.tasks import get_task
-from fl.tracking.mlflow_run import CONFIG_ARTIFACT, DEFAULT_URI, quiet_mlflow
+from fl.tracking.mlflow_run import CONFIG_ARTIFACT, quiet_mlflow
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 LATEST = 2**31  # "the device's newest state": later than any round
@@ -53,7 +53,7 @@ class Inputs:
     tensor: torch.Tensor  # what the model's forward pass takes
 
 
-def source_run(model: str, client: mlflow.MlflowClient) -> str:
+def source_run(model: str) -> str:
     """The MLflow run that produced ``model`` (a run id, runs:/ or models:/ URI)."""
     if RUN_ID.match(model):
         return model
@@ -154,7 +154,7 @@ def save_images(images: torch.Tensor, names: list[str], out: Path) -> list[Path]
 def generate(args: argparse.Namespace) -> list[Path]:
     quiet_mlflow()
     mlflow.set_tracking_uri(args.tracking_uri)
-    run_id = source_run(args.model, mlflow.MlflowClient(args.tracking_uri))
+    run_id = source_run(args.model)
     cfg, checkpoint = load_run(run_id, args.tracking_uri)
     task, spec = get_task(C.task_params(cfg)), C.fleet_spec(cfg)
     inputs = task_inputs(args, task.name, spec)
@@ -181,7 +181,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--controls", action="append", help="portrait: 'yaw=..,smile=..' (repeat)")
     p.add_argument("--backdrop-image", help="portrait: take the backdrop colour from a photo")
     p.add_argument("--out", default="generated", help="output folder (default generated/)")
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI))
+    p.add_argument("--tracking-uri",
+                   default=os.environ.get("MLFLOW_TRACKING_URI", C.DEFAULT_TRACKING_URI))
     return p
 
 

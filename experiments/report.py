@@ -23,8 +23,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
+from fl.config import DEFAULT_TRACKING_URI
 from fl.tracking import keys as K
-from fl.tracking.mlflow_run import DEFAULT_URI, OBJECTIVE_TAG, quiet_mlflow
+from fl.tracking.mlflow_run import OBJECTIVE_TAG, quiet_mlflow
 from fl.tracking.privacy_report import plt
 from fl.tracking.sweep import OVERRIDES_TAG, ROLE_TAG, SWEEP_ID_TAG
 
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", help="sweep id (printed by the multirun) or parent run id")
     parser.add_argument("--out", default=None, help="local folder (default reports/<sweep id>)")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI",
-                                                                 DEFAULT_URI))
+                                                                 DEFAULT_TRACKING_URI))
     args = parser.parse_args(argv)
     try:
         report = build_report(args.tracking_uri, args.sweep, args.out)

@@ -246,7 +246,7 @@ class RoundLoop:
             metrics[K.ROUND_SECONDS] = time.time() - start
             metrics[K.UPDATES_PER_SECOND] = metrics[K.DEVICES_TRAINED] / max(train_seconds, 1e-9)
             result.history[rnd] = metrics
-            self.progress.round_finished(rnd)
+            self.progress.round_finished()
             self.on_round(rnd, metrics, self._state(rnd, result, panel, exhausted, index))
         return result
 

@@ -53,7 +53,7 @@ class Progress:
             self.write(line)
             self.last_line = now
 
-    def round_finished(self, rnd: int) -> None:
+    def round_finished(self) -> None:
         if self.live:
             sys.stdout.write("\r" + " " * 78 + "\r")
             sys.stdout.flush()

@@ -15,6 +15,7 @@ def tiny_overrides(tmp_path_factory) -> list[str]:
     """Hydra overrides for a fleet small enough to simulate in seconds."""
     cache = tmp_path_factory.mktemp("pretrain-cache")
     devices = tmp_path_factory.mktemp("devices")
+    checkpoints = tmp_path_factory.mktemp("checkpoints")
     return [
         "fleet.num_devices=3", "fleet.devices_per_round=3", "fleet.rounds=2",
         "fleet.eval_devices=2", "fleet.newuser_identities=1", "fleet.newuser_steps=3",
@@ -23,6 +24,7 @@ def tiny_overrides(tmp_path_factory) -> list[str]:
         "task.eval_clips=1", "task.width=8", "pretrain.steps=5", "pretrain.batch_size=4",
         f"pretrain.cache_dir={cache}", "local.epochs=1", "local.batch_size=4",
         "privacy.photo.delta=1e-3", f"devices.storage_dir={devices}",
+        f"checkpoint.dir={checkpoints}",
     ]
 
 

@@ -32,7 +32,7 @@ def swap_run(tiny_overrides, tmp_path_factory):
                                                                  "devices.storage_dir"))]
     cfg = compose([*overrides, "fleet.rounds=1", f"tracking.uri={uri}",
                    "tracking.samples_every=0", f"devices.storage_dir={tmp / 'devices'}",
-                   f"checkpoint.dir={tmp / 'checkpoints'}", "objective.metric=quality/recon_psnr"])
+                   "objective.metric=quality/recon_psnr"])
     import os
     cwd = os.getcwd()
     os.chdir(tmp)

@@ -22,6 +22,7 @@ from fl.data.fleet import FleetSpec
 from fl.models.blocks import PERSONAL_PREFIX
 
 _TASKS: dict[str, type[Task]] = {}
+EMBEDDING_KEY = f"{PERSONAL_PREFIX}embedding.weight"
 
 
 @dataclass
@@ -32,7 +33,6 @@ class SampleColumn:
     title: str
     images: torch.Tensor | None = None
     labels: list[str] | None = None
-EMBEDDING_KEY = f"{PERSONAL_PREFIX}embedding.weight"
 
 
 def register_task(name: str):

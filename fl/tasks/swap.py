@@ -95,16 +95,20 @@ class SwapTask(Task):
             "swap_psnr_baseline_mean": psnr(mean_photo, truth),
         }
 
+    @staticmethod
+    def _clip_frames(spec: FleetSpec, rows: int) -> tuple[torch.Tensor, tuple]:
+        """The first ``rows`` benchmark clip frames and their attributes."""
+        frames, attrs = swap_benchmark(spec, 1 + (rows - 1) // spec.clip_length)
+        return torch.from_numpy(frames[:rows]), attrs[:rows]
+
     def model_input(self, identity, spec: FleetSpec, rows: int) -> torch.Tensor:
-        frames, _ = swap_benchmark(spec, 1 + (rows - 1) // spec.clip_length)
-        return torch.from_numpy(frames[:rows])
+        return self._clip_frames(spec, rows)[0]
 
     @torch.no_grad()
     def sample_columns(self, model: nn.Module, identity, spec: FleetSpec,
                        rows: int) -> list[SampleColumn]:
         model.eval()
-        frames, attrs = swap_benchmark(spec, 1 + (rows - 1) // spec.clip_length)
-        frames, attrs = torch.from_numpy(frames[:rows]), attrs[:rows]
+        frames, attrs = self._clip_frames(spec, rows)
         truth = render(identity, [a.replace(noise_sigma=0.0) for a in attrs], spec.image_size)
         return [SampleColumn("clip frame", frames), SampleColumn("swap", model(frames)),
                 SampleColumn("ground truth", torch.from_numpy(truth))]

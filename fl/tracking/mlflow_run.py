@@ -16,7 +16,7 @@ import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fl.config import DEFAULT_TRACKING_URI, flatten, tracking_uri
+from fl.config import flatten, tracking_uri
 from fl.data.fleet import FleetSpec
 from fl.pretrain import save_checkpoint
 from fl.privacy.plan import PrivacyPlan
@@ -32,7 +32,6 @@ from fl.tracking.privacy_report import (
 from fl.tracking.sweep import child_tags, current_sweep, parent_run_id
 from fl.tracking.system_report import system_chart
 
-DEFAULT_URI = DEFAULT_TRACKING_URI
 CONFIG_ARTIFACT = "config/config.yaml"
 OBJECTIVE_TAG = "fedface.objective"  # the metric key experiments.train returns
 

@@ -49,7 +49,8 @@ def deployment_run(tmp_path_factory):
     home = work / "flwr-home"
     overrides = run_overrides([*DEMO_OVERRIDES, *TINY, "fleet.rounds=2",
                                "fleet.round_timeout=60", f"tracking.uri={uri}",
-                               f"pretrain.cache_dir={work / 'cache'}"])
+                               f"pretrain.cache_dir={work / 'cache'}",
+                               f"checkpoint.dir={work / 'checkpoints'}"])
     deployment = Deployment(work / "fleet", flwr_env(home))
     write_connection(home, deployment.port, deployment.certs / "ca.crt")
     result = {"devices": devices, "uri": uri}
@@ -105,7 +106,8 @@ def test_the_deployed_run_completes_with_the_simulation_metric_keys(deployment_r
     summary = simulate(compose([*overrides, *TINY, "data=folders", f"data.root={root}",
                                 "devices.consent_default=grant", "fleet.rounds=2",
                                 f"tracking.uri={sim_uri}", f"devices.storage_dir={tmp_path}",
-                                f"pretrain.cache_dir={tmp_path / 'cache'}"]))
+                                f"pretrain.cache_dir={tmp_path / 'cache'}",
+                                f"checkpoint.dir={tmp_path / 'checkpoints'}"]))
     simulated = mlflow.MlflowClient(sim_uri).get_run(summary.run_id).data.metrics
     assert set(run.data.metrics) == set(simulated)
     assert _metric_steps(client, run.info.run_id, K.DEVICES_TRAINED)[1] == 3

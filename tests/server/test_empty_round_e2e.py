@@ -35,8 +35,7 @@ def test_a_round_that_samples_nobody_is_released_and_the_run_goes_on(tiny_overri
                                                                  "fleet.devices_per_round"))]
     cfg = compose([*overrides, "fleet.rounds=2", "fleet.devices_per_round=1",
                    "fleet.sampling=poisson", "privacy=photo_user", f"seed={seed}",
-                   f"tracking.uri={uri}", "tracking.samples_every=0",
-                   f"checkpoint.dir={tmp_path / 'checkpoints'}"])
+                   f"tracking.uri={uri}", "tracking.samples_every=0"])
     summary = simulate(cfg)
     client = mlflow.MlflowClient(uri)
     assert client.get_run(summary.run_id).info.status == "FINISHED"

@@ -39,7 +39,8 @@ def test_a_killed_run_resumed_spends_exactly_what_an_uninterrupted_run_spends(
         tiny_overrides, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     rounds = 4
-    overrides = [o for o in tiny_overrides if not o.startswith("fleet.rounds")] + [
+    overrides = [o for o in tiny_overrides
+                 if not o.startswith(("fleet.rounds", "checkpoint.dir"))] + [
         f"fleet.rounds={rounds}", f"tracking.uri={uri}", "tracking.samples_every=0",
         f"checkpoint.dir={tmp_path / 'checkpoints'}", "fleet.sampling=fixed",
         "fleet.devices_per_round=2"]

@@ -64,8 +64,7 @@ def finished_run(tiny_overrides, tmp_path_factory):
     overrides = [o for o in tiny_overrides if not o.startswith("fleet.rounds")]
     overrides += ["fleet.rounds=3", "privacy=photo_user", "fleet.sampling=poisson",
                   "privacy.photo.delta=1e-3", f"tracking.uri={uri}",
-                  "tracking.samples_every=2", "tracking.register_model=fedface-e2e",
-                  f"checkpoint.dir={tmp / 'checkpoints'}"]
+                  "tracking.samples_every=2", "tracking.register_model=fedface-e2e"]
     budget = _user_budget_admitting_two_rounds(overrides)
     cfg = compose(overrides + [f"privacy.user.budget_epsilon={budget}"])
     recorder = {}
