@@ -42,7 +42,8 @@ from fl.deploy.certs import make_ca, make_node_keys, make_server_cert
 CONNECTION = "fedface-demo"
 NUM_DEVICES = 3
 DEMO_OVERRIDES = [
-    "data=device", "devices.consent_default=deny", f"fleet.num_devices={NUM_DEVICES}",
+    "data=device", "privacy.noise=secure", "devices.consent_default=deny",
+    f"fleet.num_devices={NUM_DEVICES}",
     f"fleet.devices_per_round={NUM_DEVICES}", "fleet.sampling=fixed", "fleet.rounds=2",
     f"fleet.eval_devices={NUM_DEVICES}", "fleet.round_timeout=120", "data.photos_min=10",
     "data.photos_max=20", "data.heldout_photos=2", "tracking.experiment_name=fedface-deploy",

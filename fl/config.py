@@ -17,6 +17,7 @@ from fl.data.device_data import available_devices, source_names
 from fl.data.fleet import FleetSpec
 from fl.data.synthfaces import MAX_SIZE, MIN_SIZE
 from fl.privacy.ledger import ACCOUNTANTS
+from fl.privacy.noise import NOISE_MODES, SEEDED
 from fl.privacy.plan import PhotoPlan
 from fl.privacy.user_level import SAMPLING, USER_ACCOUNTANTS
 from fl.protocol import Recipe
@@ -69,6 +70,11 @@ def validate(cfg: DictConfig) -> None:
     _require(loc.lr_shared >= 0, "local.lr_shared", loc.lr_shared, "non-negative")
     _require(loc.lr_personal >= 0, "local.lr_personal", loc.lr_personal, "non-negative")
     _require(f.sampling in SAMPLING, "fleet.sampling", f.sampling, f"one of {list(SAMPLING)}")
+    noise = cfg.privacy.get("noise")
+    _require(noise in NOISE_MODES, "privacy.noise", noise, f"one of {list(NOISE_MODES)}")
+    _require(not (d.source == "device" and noise == SEEDED), "privacy.noise", noise,
+             "secure with data=device: seeded noise is rebuilt by anyone who knows the "
+             "run's seed (the server, readers of MLflow), so real devices refuse it")
     if p.enabled:
         _validate_noise("privacy.photo", p)
         _require(p.max_grad_norm > 0, "privacy.photo.max_grad_norm", p.max_grad_norm,
@@ -204,7 +210,8 @@ def recipe(cfg: DictConfig, photo: PhotoPlan) -> Recipe:
                   photo_dp=photo.enabled, noise_multiplier=photo.noise_multiplier,
                   max_grad_norm=photo.max_grad_norm, delta=photo.delta,
                   accountant=photo.accountant, budget_epsilon=photo.budget_epsilon,
-                  seed=int(cfg.seed), consent_default=consent_default(cfg),
+                  seed=int(cfg.seed), noise=str(cfg.privacy.noise),
+                  consent_default=consent_default(cfg),
                   device_storage=str(cfg.devices.storage_dir))
 
 

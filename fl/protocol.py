@@ -35,6 +35,10 @@ PHOTOS_USED, PHOTOS_WITHDRAWN = "photos-used", "photos-withdrawn"
 PHOTOS_SKIPPED, PHOTOS_CONVERTED = "photos-skipped", "photos-converted"
 OPTED_OUT, DELETED, EXCLUDED = "opted-out", "deleted", "excluded"
 STATUS, REASON = "status", "reason"  # ConfigRecord with why a device did not take part
+# A device that already holds state of a *later* round of this run than the one it
+# is asked to train (the server resumed from an old checkpoint) refuses and reports
+# that round, so the server stops instead of releasing a round twice.
+NEWER_STATE_ROUND = "newer-state-round"
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class Recipe:
     accountant: str = "rdp"
     budget_epsilon: float = 0.0  # 0: no budget
     seed: int = 0
+    noise: str = "seeded"  # privacy.noise: "secure" (OS randomness) | "seeded" (from seed)
     consent_default: str = "grant"  # photos of a device without consent.json: grant | deny
     device_storage: str = ".fedface-devices"  # simulated devices' own directories live here
     run: str = ""  # the MLflow run id: a simulated device keeps its state per run

@@ -48,6 +48,7 @@ class UserPlan:
 class PrivacyPlan:
     photo: PhotoPlan
     user: UserPlan
+    noise: str = "seeded"  # privacy.noise (fl.privacy.noise): "secure" | "seeded"
 
     def params(self) -> dict[str, str]:
         """MLflow params of the resolved plan (simulated values say so)."""
@@ -134,4 +135,4 @@ def user_plan(cfg: DictConfig) -> UserPlan:
 
 
 def privacy_plan(cfg: DictConfig) -> PrivacyPlan:
-    return PrivacyPlan(photo_plan(cfg), user_plan(cfg))
+    return PrivacyPlan(photo_plan(cfg), user_plan(cfg), str(cfg.privacy.noise))
