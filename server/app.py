@@ -23,16 +23,20 @@ from fl import config as C
 from fl import protocol as P
 from fl.console import say
 from fl.pretrain import load_checkpoint
+from fl.privacy.noise import SEEDED, SEEDED_CAVEAT
 from fl.privacy.plan import privacy_plan
+from fl.privacy.release import make_release
 from fl.tasks import get_task
 from fl.tracking.mlflow_run import OBJECTIVE_TAG, RunLogger
 from fl.tracking.model_init import init_source, resolve_init
-from server.checkpoint import Checkpoint
+from server.checkpoint import RELEASED, Checkpoint
 from server.console import format_summary, last_value
 from server.loop import LoopSettings, RoundLoop
 from server.progress import Progress
 from server.recorder import RoundRecorder
 from server.resume import resumed_config
+
+NOISE_TAG = "fedface.noise"  # privacy.noise of the run: secure | seeded
 
 
 @dataclass
@@ -79,24 +83,32 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
         logger.log_params(plan.params())
         logger.set_tag("fedface.init", init_source(cfg, init_path))
         logger.set_tag(OBJECTIVE_TAG, C.objective_key(cfg))
+        logger.set_tag(NOISE_TAG, plan.noise)
+        if plan.noise == SEEDED:
+            log(f"privacy.noise=seeded: {SEEDED_CAVEAT}")
         log(f"MLflow run {logger.run_id} ({logger.uri})")
     else:
         shared, personal_init = resume.loop.shared, resume.personal_init
         logger = RunLogger(cfg, resume_run_id=resume.run_id)
         logger.set_tag("fedface.resumed_after_round", str(resume.loop.round))
-        log(f"resuming MLflow run {logger.run_id} after round {resume.loop.round} "
-            f"of {f.rounds} ({logger.uri})")
+        where = f"round {resume.loop.round}" + (
+            "'s release (persisted; it is evaluated, never drawn again)"
+            if resume.loop.phase == RELEASED else "")
+        log(f"resuming MLflow run {logger.run_id} after {where} of {f.rounds} ({logger.uri})")
     recipe = replace(C.recipe(cfg, plan.photo), run=logger.run_id)
     settings = LoopSettings(
         rounds=f.rounds, devices_per_round=f.devices_per_round, sampling=f.sampling,
         eval_devices=f.eval_devices, num_devices=f.num_devices, newuser_every=f.newuser_every,
         newuser_identities=f.newuser_identities, newuser_steps=f.newuser_steps,
-        round_timeout=f.round_timeout, seed=cfg.seed, photo=plan.photo, user=plan.user)
+        round_timeout=f.round_timeout, seed=cfg.seed, photo=plan.photo)
     progress = Progress(f.rounds)
     recorder = RoundRecorder(cfg, logger, task, spec, personal_init, progress, log)
     if resume is not None:
         recorder.relog_checkpointed_round(resume.loop)
-    loop = RoundLoop(grid, build_strategy(cfg), task, spec, settings,
+    strategy = build_strategy(cfg)
+    release = make_release(plan.user, strategy, task.is_device_trained, f.devices_per_round,
+                           f.num_devices, plan.noise, cfg.seed)
+    loop = RoundLoop(grid, strategy, release, task, spec, settings,
                      P.round_config(recipe, C.task_params(cfg), spec),
                      personal_init, recorder, progress)
     try:

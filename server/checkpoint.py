@@ -1,8 +1,11 @@
 """The server's checkpoint: everything needed to continue a run after round r.
 
-Written after every round (and after round 0's evaluation), atomically, to
-``<checkpoint.dir>/<MLflow run id>/last.pt`` and as the run's MLflow artifact
-``checkpoint/last.pt``. It holds only what the server already holds: the shared
+Written twice per round, atomically: when the round's aggregate is released
+(phase ``released``, before the evaluation panel or anyone else sees it) and when
+the round is done (phase ``done``; also after round 0's evaluation). A resume
+from a ``released`` checkpoint re-uses that release instead of drawing a second
+one for the same round. It goes to ``<checkpoint.dir>/<MLflow run id>/last.pt``
+and to the run's MLflow artifact ``checkpoint/last.pt``. It holds only what the server already holds: the shared
 weights (released under DP), the strategy's state, the metric history (which
 carries the fleet accountant's values), the server's view of the device ledgers
 (pseudonymous rows), the round, and the sampling RNG. Devices' personal weights
@@ -25,7 +28,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fl.atomic import atomic_write
 
-CHECKPOINT_FORMAT = "fedface-server-checkpoint/1"
+CHECKPOINT_FORMAT = "fedface-server-checkpoint/2"  # /2: release phase and state
+RELEASED, DONE = "released", "done"
 CHECKPOINT_FILE = "last.pt"
 ARTIFACT_PATH = "checkpoint"
 
@@ -34,15 +38,21 @@ ARTIFACT_PATH = "checkpoint"
 class LoopState:
     """Where the round loop stands after a round."""
 
-    round: int  # the last completed round (0: evaluated before fine-tuning)
+    round: int  # the last released (phase released) or completed round (0: evaluated only)
     shared: dict[str, torch.Tensor]
     history: dict[int, dict[str, float]]
     devices: dict[int, dict[str, Any]]  # device index -> DeviceRecord fields
     exhausted: list[int]  # device indices at their photo-level budget
     panel: list[int]  # device indices of the evaluation panel
-    user_rounds: int  # aggregates released under user-level DP
+    release: dict[str, Any]  # fl.privacy.release state: rounds released so far
     rng: dict[str, Any]  # numpy bit generator state of the device sampling
     strategy: dict[str, Any] = field(default_factory=dict)
+    phase: str = DONE  # RELEASED: round's aggregate persisted, evaluation not yet done
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """Orders checkpoints of one run: later rounds, then done after released."""
+        return self.round, int(self.phase == DONE)
 
 
 @dataclass
@@ -111,6 +121,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"{path} is not a readable fedface server checkpoint ({err})") from err
+    if isinstance(payload, dict) and str(payload.get("format", "")).startswith(
+            CHECKPOINT_FORMAT.rsplit("/", 1)[0]) and payload["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} was written by another fedface version ({payload['format']}, "
+                         f"this one reads {CHECKPOINT_FORMAT}); resume it with that version")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a fedface server checkpoint ({CHECKPOINT_FORMAT}); "
                          "resume takes the checkpoint/last.pt of a fedface run, or its run id")

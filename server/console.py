@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from fl.privacy.noise import SECURE, SEEDED_CAVEAT
 from fl.privacy.plan import PrivacyPlan
 from fl.tracking import keys as K
 
@@ -72,6 +73,15 @@ def last_value(history: dict[int, dict[str, float]], key: str) -> float:
     return float("nan")
 
 
+def noise_line(plan: PrivacyPlan) -> str:
+    """The noise mode, said plainly: under ``seeded`` whom the epsilons do not
+    protect against; under ``secure`` where the noise came from."""
+    if plan.noise == SECURE:
+        return ("noise        secure: OS randomness on each device (DP-SGD noise, Poisson "
+                "masks) and at the server (DP-FedAvg noise)")
+    return f"noise        seeded: {SEEDED_CAVEAT}"
+
+
 def _privacy_lines(history: dict[int, dict[str, float]], plan: PrivacyPlan) -> list[str]:
     def last(key: str) -> float:
         return last_value(history, key)
@@ -88,12 +98,16 @@ def _privacy_lines(history: dict[int, dict[str, float]], plan: PrivacyPlan) -> l
         lines.append(f"user level   epsilon {last(K.USER_EPS):.2f} at delta "
                      f"{last(K.USER_DELTA):.2g} per user ({m.accountant.upper()}, "
                      f"{m.sampling} sampling, noise {last(K.USER_NOISE_MULTIPLIER):.3g}, "
-                     f"clip {m.clip:g})")
+                     f"clip {m.clip:g})" + ("  no budget or target applies to it"
+                                           if m.simulated else ""))
         if m.simulated:
+            limit = f", budget {user.budget_epsilon:g}" if user.budget_epsilon else ""
             lines.append(f"SIMULATED    epsilon {last(K.SIM_USER_EPS):.2f} at delta {m.delta:.2g} "
-                         f"as if {m.cohort} of {m.population} devices took part per round "
+                         f"as if {m.cohort} of {m.population} devices took part per round{limit} "
                          "(a simulation of a larger deployment, not this run's guarantee)")
-    return lines or ["privacy      none (privacy=none): no differential privacy guarantee"]
+    if not lines:
+        return ["privacy      none (privacy=none): no differential privacy guarantee"]
+    return [*lines, noise_line(plan)]
 
 
 def format_summary(history: dict[int, dict[str, float]], plan: PrivacyPlan, run_id: str,

@@ -1,52 +1,56 @@
-"""The federated round loop: sample devices, train, aggregate, evaluate, log.
+"""The federated round loop: a numbered recipe over modules that each do one thing.
 
 fedface drives the rounds itself instead of calling ``Strategy.start`` because
-it must own *which* devices take part: sampling is seeded (reproducible runs),
-devices whose privacy budget is spent are no longer sampled, and the privacy
-accounting must match the sampling scheme actually used. A Flower strategy
-(FedAvg by default, any ``flwr.serverapp.strategy`` class by config) still builds
-the messages and aggregates the replies; it is handed a view of the grid that
-contains exactly the devices fedface sampled.
+it must own *which* devices take part (seeded sampling that matches the privacy
+accounting, devices whose budget is spent no longer asked) and *what* is
+released. A Flower strategy (FedAvg by default, any ``flwr.serverapp.strategy``
+class by config) still builds the messages, and aggregates when no user-level DP
+is on. Each round:
+
+1. stop if no device can train or one more release would pass the budget
+   (``fl.privacy.release``);
+2. sample the cohort from the whole fleet (``server.sampling``);
+3. send the training recipe, collect replies (``server.transport``);
+4. fold replies into the device records (``server.records``);
+5. screen, aggregate, noise and count: the release (``fl.privacy.release``);
+6. persist the release before anything derived from it leaves the server
+   (``recorder.released``): a replay of this round re-uses it;
+7. evaluate the released model on the fixed panel, the new-user check;
+8. checkpoint and log the round (``recorder.round_done``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl import protocol as P
+from fl.config import ConfigError
 from fl.data.fleet import FleetSpec
-from fl.privacy.dp_fedavg import dp_fedavg
-from fl.privacy.plan import PhotoPlan, UserPlan, default_delta
-from fl.privacy.user_level import UserMechanism
+from fl.privacy.plan import PhotoPlan
+from fl.privacy.release import DeviceUpdate, Release
 from fl.tasks.base import Task
 from fl.tracking import keys as K
-from server.checkpoint import LoopState, restore_strategy, strategy_state
+from server.checkpoint import DONE, RELEASED, LoopState, restore_strategy, strategy_state
 from server.newuser import newuser_score
 from server.progress import Progress
+from server.records import (
+    DeviceRecord,
+    fleet_consent,
+    fold_train_replies,
+    mean,
+    newer_state,
+    photo_metrics,
+)
 from server.roll_call import roll_call, wait_for_nodes
-
-PULL_INTERVAL = 0.25  # seconds between polls for device replies
-
-
-class SampledGrid:
-    """A grid whose node list is the devices fedface sampled for this step."""
-
-    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
-        self._grid, self._node_ids = grid, [int(n) for n in node_ids]
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._node_ids)
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
+from server.sampling import CohortSampler
+from server.transport import SampledGrid, Transport
 
 
 @dataclass
@@ -62,41 +66,6 @@ class LoopSettings:
     round_timeout: float
     seed: int
     photo: PhotoPlan
-    user: UserPlan
-
-
-@dataclass
-class DeviceRecord:
-    """What the server knows of one device's photo-level ledger (from its replies)."""
-
-    device: str  # pseudonym: "device-<index>", never a path or a person's name
-    participations: int = 0
-    steps: int = 0
-    sample_rate: float = 0.0
-    epsilon: float | None = None  # photo-level, as last reported; None: never reported
-    status: str = "never sampled"  # | trained | budget exhausted | failed | not trained: why
-    # Consent and data, as last reported (counts only).
-    photos_withdrawn: int = 0
-    photos_skipped: int = 0
-    photos_converted: int = 0
-    opted_out: bool = False  # deleted its data, or no photo consented for training
-    deleted: bool = False  # the user deleted their data: never sampled again
-    excluded: bool = False  # too few usable photos: never sampled again
-
-    @property
-    def gone(self) -> bool:
-        return self.deleted or self.excluded
-
-    def note(self, m, reason: str) -> None:
-        """Fold a reply's consent and data report into the record."""
-        self.photos_withdrawn = int(m.get(P.PHOTOS_WITHDRAWN, self.photos_withdrawn))
-        self.photos_skipped = int(m.get(P.PHOTOS_SKIPPED, self.photos_skipped))
-        self.photos_converted = int(m.get(P.PHOTOS_CONVERTED, self.photos_converted))
-        self.opted_out = bool(m.get(P.OPTED_OUT, 0))
-        self.deleted = self.deleted or bool(m.get(P.DELETED, 0))
-        self.excluded = self.excluded or bool(m.get(P.EXCLUDED, 0))
-        if reason:
-            self.status = f"not trained: {reason}"
 
 
 @dataclass
@@ -104,166 +73,149 @@ class LoopResult:
     shared: dict[str, torch.Tensor]
     history: dict[int, dict[str, float]] = field(default_factory=dict)
     devices: dict[int, DeviceRecord] = field(default_factory=dict)  # by node id
-    user_rounds: int = 0  # aggregates released under user-level DP
     stopped: str = ""  # why the run ended early, if it did
 
 
-def user_epsilons(m: UserMechanism, devices_per_round: int, num_devices: int,
-                  released: int) -> dict[str, float]:
-    """User-level epsilon of ``released`` aggregates, as MLflow metrics.
+class Recorder(Protocol):
+    """What happens to a round's results (``server.recorder.RoundRecorder``)."""
 
-    A simulated cohort is reported under its own ``simulated_*`` keys and,
-    separately, the real run's guarantee: the real cohort of k devices got noise
-    std sigma*C*k/K, i.e. a noise multiplier of sigma*k/K over the real fleet.
-    """
-    if not m.simulated:
-        return {K.USER_EPS: m.epsilon(released), K.USER_DELTA: m.delta,
-                K.USER_NOISE_MULTIPLIER: m.noise_multiplier}
-    real = UserMechanism(m.noise_multiplier * devices_per_round / m.cohort, m.clip, m.sampling,
-                         num_devices, devices_per_round, default_delta(num_devices),
-                         m.accountant)
-    return {K.SIM_USER_EPS: m.epsilon(released), K.SIM_USER_DELTA: m.delta,
-            K.SIM_USER_NOISE_MULTIPLIER: m.noise_multiplier,
-            K.USER_EPS: real.epsilon(released), K.USER_DELTA: real.delta,
-            K.USER_NOISE_MULTIPLIER: real.noise_multiplier}
+    def released(self, rnd: int, state: LoopState) -> None: ...
+
+    def round_done(self, rnd: int, metrics: dict[str, float], state: LoopState) -> None: ...
 
 
-def _reason(reply: Message) -> str:
-    """Why a device took no part, as it said (a short sentence, never photo ids)."""
-    return str(reply.content[P.STATUS][P.REASON]) if P.STATUS in reply.content else ""
-
-
-def _fleet_consent(records) -> dict[str, float]:
-    """Consent and data metrics over everything devices have reported so far."""
-    records = list(records)
-    return {
-        K.CONSENT_PHOTOS_REVOKED: float(sum(r.photos_withdrawn for r in records)),
-        K.CONSENT_DEVICES_OPTED_OUT: float(sum(r.opted_out for r in records)),
-        K.DATA_PHOTOS_SKIPPED: float(sum(r.photos_skipped for r in records)),
-        K.DATA_PHOTOS_CONVERTED: float(sum(r.photos_converted for r in records)),
-        K.DATA_DEVICES_EXCLUDED: float(sum(r.excluded for r in records)),
-    }
-
-
-def _mean(values: list[float]) -> float:
-    return float(np.mean(values)) if values else float("nan")
+class StaleCheckpoint(ConfigError):
+    """The server resumed from a checkpoint older than the devices' own state."""
 
 
 class RoundLoop:
-    """Runs the rounds; after each, hands ``on_round`` the metrics and the loop's
-    state (what a checkpoint needs to continue from there)."""
-
-    def __init__(self, grid: Grid, strategy: Strategy, task: Task, spec: FleetSpec,
-                 settings: LoopSettings, round_config: ConfigRecord,
-                 personal_init: dict[str, torch.Tensor],
-                 on_round: Callable[[int, dict[str, float], LoopState], None],
+    def __init__(self, grid: Grid, strategy: Strategy, release: Release, task: Task,
+                 spec: FleetSpec, settings: LoopSettings, round_config: ConfigRecord,
+                 personal_init: dict[str, torch.Tensor], recorder: Recorder,
                  progress: Progress | None = None) -> None:
-        self.grid, self.strategy, self.task, self.spec = grid, strategy, task, spec
-        self.s = settings
-        self.config = round_config
+        self.grid, self.strategy, self.release, self.task = grid, strategy, release, task
+        self.spec, self.s, self.config = spec, settings, round_config
         self.personal_init = personal_init
-        self.personal_record = ArrayRecord(personal_init)
-        self.on_round = on_round
+        self.recorder = recorder
         self.progress = progress or Progress(settings.rounds)
-        self.rng = np.random.default_rng(settings.seed)
-
-    def _sample(self, nodes: list[int], k: int) -> list[int]:
-        """k distinct nodes, uniformly. Indices, not ids, go through numpy: Flower
-        node ids are unsigned 64-bit and would not survive an int64 array."""
-        return [nodes[i] for i in self.rng.choice(len(nodes), k, replace=False)]
-
-    def _sample_cohort(self, eligible: list[int]) -> list[int]:
-        """This round's devices, by the scheme the user-level accountant assumes.
-
-        Poisson: every eligible device joins independently with q = k/N, N the
-        whole fleet (so q per user never exceeds the accounted rate). Fixed:
-        exactly k eligible devices, uniformly without replacement.
-        """
-        if self.s.sampling == "poisson":
-            q = self.s.devices_per_round / self.s.num_devices
-            return [n for n, u in zip(eligible, self.rng.random(len(eligible))) if u < q]
-        return self._sample(eligible, min(self.s.devices_per_round, len(eligible)))
-
-    def _send(self, messages: Iterable[Message], step: str) -> list[Message]:
-        """Push the messages, then pull replies until all came or the timeout
-        passed (devices that never answer are counted as failed), reporting each
-        device as it finishes."""
-        messages = list(messages)
-        for message in messages:
-            message.content[P.PERSONAL_INIT] = self.personal_record
-        waiting = set(self.grid.push_messages(messages))
-        total, replies = len(waiting), []
-        deadline = time.time() + self.s.round_timeout
-        while waiting and time.time() < deadline:
-            got = list(self.grid.pull_messages(waiting))
-            replies += got
-            waiting -= {reply.metadata.reply_to_message_id for reply in got}
-            if got:
-                self.progress.devices(step, len(replies), total)
-            if waiting:
-                time.sleep(PULL_INTERVAL)
-        return replies
+        self.sampler = CohortSampler(settings.sampling, settings.devices_per_round,
+                                     settings.num_devices, settings.seed)
+        self.transport = Transport(grid, ArrayRecord(personal_init), settings.round_timeout,
+                                   self.progress.devices)
 
     def run(self, shared: dict[str, torch.Tensor], resume: LoopState | None = None) -> LoopResult:
         """Round 0 (evaluation before fine-tuning) and rounds 1..R, or, from a
-        checkpoint's ``resume`` state, the rounds after the last completed one."""
+        checkpoint's ``resume`` state, the rest of the run."""
         index = roll_call(self.grid, wait_for_nodes(self.grid, self.s.num_devices),
                           self.s.round_timeout)
-        nodes = list(index)
+        self.index, fleet = index, list(index)  # node ids in device order
         result = LoopResult(shared=dict(shared), devices={
             node: DeviceRecord(f"device-{i:05d}") for node, i in index.items()})
         if resume is None:
-            panel = sorted(self._sample(nodes, self.s.eval_devices))
-            exhausted: set[int] = set()
-            metrics = self._evaluate(0, result.shared, panel)
-            metrics.update(self._newuser(result.shared))
+            panel, exhausted = sorted(self.sampler.choose(fleet, self.s.eval_devices)), set()
+            metrics = self._evaluate(0, result.shared, panel) | self._newuser(result.shared)
             result.history[0] = metrics
-            self.on_round(0, metrics, self._state(0, result, panel, exhausted, index))
-            first = 1
+            self.recorder.round_done(0, metrics, self._state(0, DONE, result, panel, exhausted))
+            first, released_already = 1, None
         else:
-            panel, exhausted = self._restore(resume, result, index)
-            first = resume.round + 1
+            panel, exhausted = self._restore(resume, result)
+            released_already = resume.round if resume.phase == RELEASED else None
+            first = resume.round if released_already else resume.round + 1
         self.progress.begin(first)
 
         for rnd in range(first, self.s.rounds + 1):
             start = time.time()
-            eligible = [n for n in nodes if n not in exhausted and not result.devices[n].gone]
-            result.stopped = self._stop_reason(result, eligible)
-            if result.stopped:
-                break
-            sampled = self._sample_cohort(eligible)
-            self.progress.round_started(rnd, len(sampled))
-            replies = []
-            if sampled:  # Poisson sampling may pick nobody; a strategy would wait for nodes
-                replies = self._send(self.strategy.configure_train(
-                    rnd, ArrayRecord(result.shared), ConfigRecord(dict(self.config)),
-                    SampledGrid(self.grid, sampled)), "trained")
-            train_seconds = time.time() - start
-            metrics = self._collect_train(rnd, len(sampled), replies, result, exhausted)
-            metrics.update(self._evaluate(rnd, result.shared, panel))
+            if rnd == released_already:  # 6. persisted before the stop: never redrawn
+                metrics, train_seconds = dict(result.history[rnd]), 0.0
+            else:
+                eligible = [n for n in fleet
+                            if n not in exhausted and not result.devices[n].gone]
+                result.stopped = self._stop_reason(eligible)  # 1.
+                if result.stopped:
+                    break
+                metrics = self._train_and_release(rnd, fleet, eligible, result, exhausted)
+                train_seconds = time.time() - start
+                result.history[rnd] = dict(metrics)
+                self.recorder.released(rnd, self._state(rnd, RELEASED, result, panel, exhausted))
+            metrics.update(self._evaluate(rnd, result.shared, panel))  # 7.
             if rnd % max(self.s.newuser_every, 1) == 0 or rnd == self.s.rounds:
                 metrics.update(self._newuser(result.shared))
             metrics[K.ROUND_SECONDS] = time.time() - start
-            metrics[K.UPDATES_PER_SECOND] = metrics[K.DEVICES_TRAINED] / max(train_seconds, 1e-9)
+            if train_seconds:
+                metrics[K.UPDATES_PER_SECOND] = metrics[K.DEVICES_TRAINED] / train_seconds
             result.history[rnd] = metrics
             self.progress.round_finished()
-            self.on_round(rnd, metrics, self._state(rnd, result, panel, exhausted, index))
+            self.recorder.round_done(rnd, metrics,  # 8.
+                                     self._state(rnd, DONE, result, panel, exhausted))
         return result
 
-    def _state(self, rnd: int, result: LoopResult, panel: list[int], exhausted: set[int],
-               index: dict[int, int]) -> LoopState:
+    def _stop_reason(self, eligible: list[int]) -> str:
+        if not eligible:
+            return ("no device can train: every device has spent its photo-level budget, "
+                    "deleted its data or was excluded")
+        return self.release.stop_reason()
+
+    def _train_and_release(self, rnd: int, fleet: list[int], eligible: list[int],
+                           result: LoopResult, exhausted: set[int]) -> dict[str, float]:
+        """Steps 2-5: sample, train, record, release. Returns the round's metrics."""
+        sampled = self.sampler.cohort(fleet, eligible)  # 2.
+        self.progress.round_started(rnd, len(sampled))
+        replies = []
+        if sampled:  # Poisson sampling may pick nobody; a strategy would wait for nodes
+            replies = self.transport.send(self.strategy.configure_train(  # 3.
+                rnd, ArrayRecord(result.shared), ConfigRecord(dict(self.config)),
+                SampledGrid(self.grid, sampled)), "trained")
+        with_update, losses, photos_used = fold_train_replies(  # 4.
+            result.devices, replies, exhausted)
+        self._refuse_stale_checkpoint(rnd, result, replies)
+        released = self.release.release(rnd, result.shared, [  # 5.
+            DeviceUpdate(r.metadata.src_node_id, r.content[P.ARRAYS].to_torch_state_dict(), r)
+            for r in with_update])
+        for node, reason in released.rejected.items():
+            result.devices[node].status = f"failed: {reason}"
+        result.shared = released.state
+        answered = sum(not r.has_error() for r in replies)
+        metrics = {
+            K.TRAIN_LOSS: mean(losses),
+            K.DEVICES_SAMPLED: float(len(sampled)),
+            K.DEVICES_TRAINED: float(len(released.accepted)),
+            # Errors, devices that never answered (timeouts) and rejected updates alike.
+            K.DEVICES_FAILED: float(len(sampled) - answered + len(released.rejected)),
+            K.DEVICES_BUDGET_EXHAUSTED: float(len(exhausted)),
+            K.CONSENT_PHOTOS_USED: float(photos_used),
+        } | fleet_consent(result.devices.values()) | released.metrics
+        if self.s.photo.enabled:
+            metrics |= photo_metrics(result.devices.values())
+            metrics[K.PHOTO_DELTA] = self.s.photo.delta
+        return metrics
+
+    def _refuse_stale_checkpoint(self, rnd: int, result: LoopResult,
+                                 replies: list[Message]) -> None:
+        """A device already trained a later round of this run: this checkpoint is
+        older than the devices' state. Stop before releasing anything."""
+        device, later = newer_state(result.devices, replies)
+        if device:
+            raise StaleCheckpoint(
+                f"{device} already trained round {later} of this run, but the server resumed "
+                f"from a checkpoint of round {rnd - 1}: that checkpoint is older than the "
+                "devices' state, and replaying from it would release those rounds twice. "
+                "Resume from the run's newest checkpoint (resume=<run id> finds it in "
+                "checkpoint.dir, then in MLflow). Nothing was released for this round.")
+
+    def _state(self, rnd: int, phase: str, result: LoopResult, panel: list[int],
+               exhausted: set[int]) -> LoopState:
+        index = self.index
         return LoopState(
-            round=rnd, shared=result.shared, history=result.history,
+            round=rnd, phase=phase, shared=result.shared, history=result.history,
             devices={index[node]: asdict(record) for node, record in result.devices.items()},
             exhausted=sorted(index[n] for n in exhausted), panel=[index[n] for n in panel],
-            user_rounds=result.user_rounds, rng=self.rng.bit_generator.state,
+            release=self.release.state_dict(), rng=self.sampler.state(),
             strategy=strategy_state(self.strategy))
 
-    def _restore(self, state: LoopState, result: LoopResult,
-                 index: dict[int, int]) -> tuple[list[int], set[int]]:
+    def _restore(self, state: LoopState, result: LoopResult) -> tuple[list[int], set[int]]:
         """Put the loop back where ``state`` left it; this session's node ids
         replace the old session's through the devices' stable indices."""
-        node_of = {device: node for node, device in index.items()}
+        node_of = {device: node for node, device in self.index.items()}
         unknown = sorted(set(state.devices) - set(node_of))
         if unknown:
             raise RuntimeError(f"the checkpoint has devices {unknown[:5]} that are not in this "
@@ -271,107 +223,20 @@ class RoundLoop:
         result.shared = dict(state.shared)
         result.history = {int(r): dict(m) for r, m in state.history.items()}
         result.devices = {node_of[d]: DeviceRecord(**fields) for d, fields in state.devices.items()}
-        result.user_rounds = int(state.user_rounds)
-        self.rng.bit_generator.state = state.rng
+        self.release.load_state_dict(state.release)
+        self.sampler.restore(state.rng)
         restore_strategy(self.strategy, state.strategy)
         return [node_of[d] for d in state.panel], {node_of[d] for d in state.exhausted}
-
-    def _stop_reason(self, result: LoopResult, eligible: list[int]) -> str:
-        """Why the next round must not run: no device may train, or releasing one
-        more aggregate would pass the fleet's user-level budget."""
-        if not eligible:
-            return ("no device can train: every device has spent its photo-level budget, "
-                    "deleted its data or was excluded")
-        user = self.s.user
-        if user.enabled and user.budget_epsilon > 0:
-            after = user.mechanism.epsilon(result.user_rounds + 1)
-            if after > user.budget_epsilon:
-                return (f"one more round would take user-level epsilon to {after:.3f}, past "
-                        f"the budget {user.budget_epsilon:g}")
-        return ""
-
-    def _aggregate(self, rnd: int, trained: list[Message], result: LoopResult,
-                   metrics: dict[str, float]) -> None:
-        """Fold the round's updates into the shared weights.
-
-        Without user-level DP the configured Flower strategy aggregates. With it,
-        DP-FedAvg releases a noised, equally weighted mean of clipped updates of
-        the device-trained weights (even when no device trained: the noise, and
-        its accounting, do not depend on who answered).
-        """
-        user = self.s.user
-        if not user.enabled:
-            if trained:
-                aggregated, _ = self.strategy.aggregate_train(rnd, trained)
-                if aggregated is not None:
-                    result.shared.update(aggregated.to_torch_state_dict())
-            return
-        m = user.mechanism
-        keys = [k for k in result.shared if self.task.is_device_trained(k)]
-        generator = torch.Generator().manual_seed(hash((self.s.seed, rnd)) % 2**63)
-        aggregate = dp_fedavg(
-            result.shared, [r.content[P.ARRAYS].to_torch_state_dict() for r in trained], keys,
-            clip=m.clip, noise_multiplier=m.noise_multiplier,
-            denominator=self.s.devices_per_round, generator=generator,
-            noise_scale=self.s.devices_per_round / m.cohort)
-        result.shared = aggregate.state
-        result.user_rounds += 1
-        metrics[K.UPDATE_CLIP_FRACTION] = aggregate.clip_fraction
-        metrics.update(user_epsilons(user.mechanism, self.s.devices_per_round,
-                                     self.s.num_devices, result.user_rounds))
-
-    def _collect_train(self, rnd: int, num_sampled: int, replies: list[Message],
-                       result: LoopResult, exhausted: set[int]) -> dict[str, float]:
-        ok = [r for r in replies if not r.has_error()]
-        trained = [r for r in ok if P.ARRAYS in r.content]
-        for reply in replies:
-            if reply.has_error() and reply.metadata.src_node_id in result.devices:
-                result.devices[reply.metadata.src_node_id].status = "failed"
-        losses, photos_used = [], 0
-        for reply in ok:
-            node = reply.metadata.src_node_id
-            m = reply.content[P.METRICS]
-            record = result.devices[node]
-            record.participations = int(m[P.PARTICIPATIONS])
-            record.steps = int(m[P.LEDGER_STEPS])
-            record.sample_rate = float(m[P.SAMPLE_RATE]) or record.sample_rate
-            record.epsilon = float(m[P.PHOTO_EPS])
-            record.status = "trained"
-            record.note(m, _reason(reply))
-            if int(m[P.BUDGET_EXHAUSTED]):
-                exhausted.add(node)
-                record.status = "budget exhausted"
-            if int(m[P.TRAINED]):
-                losses.append(float(m[P.TRAIN_LOSS]))
-                photos_used += int(m[P.PHOTOS_USED])
-        metrics = {
-            K.TRAIN_LOSS: _mean(losses),
-            K.DEVICES_SAMPLED: float(num_sampled),
-            K.DEVICES_TRAINED: float(len(trained)),
-            # Errors and devices that never answered (timeouts) alike.
-            K.DEVICES_FAILED: float(num_sampled - len(ok)),
-            K.DEVICES_BUDGET_EXHAUSTED: float(len(exhausted)),
-            K.CONSENT_PHOTOS_USED: float(photos_used),
-        } | _fleet_consent(result.devices.values())
-        if self.s.photo.enabled:
-            eps = [r.epsilon for r in result.devices.values()
-                   if r.epsilon is not None] or [0.0]
-            metrics[K.PHOTO_EPS_MAX] = float(np.max(eps))
-            metrics[K.PHOTO_EPS_MEAN] = float(np.mean(eps))
-            metrics[K.PHOTO_EPS_P95] = float(np.percentile(eps, 95))
-            metrics[K.PHOTO_DELTA] = self.s.photo.delta
-        self._aggregate(rnd, trained, result, metrics)
-        return metrics
 
     def _evaluate(self, rnd: int, shared: dict[str, torch.Tensor],
                   panel: list[int]) -> dict[str, float]:
         if not panel:
             return {}
-        replies = self._send(self.strategy.configure_evaluate(
+        replies = self.transport.send(self.strategy.configure_evaluate(
             rnd, ArrayRecord(shared), ConfigRecord(dict(self.config)),
             SampledGrid(self.grid, panel)), "evaluated")
         ok = [r.content[P.METRICS] for r in replies if not r.has_error()]
-        out = {key: _mean([float(m[name]) for m in ok if name in m])
+        out = {key: mean([float(m[name]) for m in ok if name in m])
                for name, key in K.QUALITY.items() if any(name in m for m in ok)}
         out[K.DEVICES_EVALUATED_PERSONALISED] = float(sum(int(m[P.PERSONALISED]) for m in ok))
         return out

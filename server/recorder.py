@@ -1,9 +1,13 @@
-"""What happens after every round: checkpoint, MLflow metrics, sample grid, console.
+"""What happens to a round's results: checkpoint, MLflow metrics, sample grid, console.
 
-The order matters for resume: the checkpoint is written (and logged) before the
-round's metrics, so a stop after it loses no round, and a stop before it redoes
-the round on resume; either way every round's metrics are logged once
-(``relog_checkpointed_round`` covers a stop between the two writes).
+Two moments per round. When the round's aggregate is *released*, the checkpoint
+is written (phase ``released``) before the evaluation panel, MLflow or the
+console see anything derived from it: a stop after that resumes with the same
+release instead of drawing a new one (two different releases of one round
+would let their difference reveal a device's update without noise). When the
+round is *done*, the checkpoint is written again and then its metrics are
+logged, so a stop between the two re-logs that round's metrics on resume
+(``relog_checkpointed_round``) and every round is logged once.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from fl.data.fleet import FleetSpec
 from fl.tasks.base import Task
 from fl.tracking.mlflow_run import RunLogger
-from server.checkpoint import ARTIFACT_PATH, Checkpoint, LoopState, save_checkpoint
+from server.checkpoint import ARTIFACT_PATH, DONE, Checkpoint, LoopState, save_checkpoint
 from server.console import format_round
 from server.progress import Progress
 from server.resume import local_checkpoint
@@ -35,10 +39,17 @@ class RoundRecorder:
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         self.sampled: set[int] = set()
 
-    def __call__(self, rnd: int, metrics: dict[str, float], state: LoopState) -> None:
+    def _checkpoint(self, state: LoopState) -> None:
         save_checkpoint(self.path, Checkpoint(self.logger.run_id, self.config_yaml,
                                               self.personal_init, state))
         self.logger.log_artifact(self.path, ARTIFACT_PATH)
+
+    def released(self, rnd: int, state: LoopState) -> None:
+        """Round ``rnd``'s aggregate exists: persist it before it is used."""
+        self._checkpoint(state)
+
+    def round_done(self, rnd: int, metrics: dict[str, float], state: LoopState) -> None:
+        self._checkpoint(state)
         self.logger.log_metrics(metrics, step=rnd)
         if self.samples_every > 0 and (rnd % self.samples_every == 0 or rnd == self.rounds):
             self.samples(rnd, state.shared)
@@ -57,6 +68,8 @@ class RoundRecorder:
 
     def relog_checkpointed_round(self, state: LoopState) -> None:
         """A run stopped between its checkpoint and its metrics: log them now."""
+        if state.phase != DONE:
+            return  # a released round's metrics are logged when it is done
         metrics = state.history.get(state.round, {})
         if metrics and state.round not in self.logger.logged_steps(next(iter(metrics))):
             self.logger.log_metrics(metrics, step=state.round)

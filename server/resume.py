@@ -51,14 +51,39 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def refuse_older(cfg: DictConfig, path: Path, checkpoint: Checkpoint) -> None:
+    """Refuse a checkpoint older than the run's newest one in ``checkpoint.dir``.
+
+    Resuming from it would redo rounds whose aggregates were already released,
+    with new noise: two releases of one round leak their difference. (Devices
+    refuse too, when they hold state of a later round: ``server.loop``.)
+    """
+    newest = local_checkpoint(cfg, checkpoint.run_id)
+    if not newest.is_file() or newest.resolve() == path.resolve():
+        return
+    try:
+        latest = load_checkpoint(newest).loop
+    except ValueError:
+        return  # unreadable: the devices' own check still applies
+    if latest.progress > checkpoint.loop.progress:
+        raise ConfigError(
+            f"resume={cfg.resume!r} is the checkpoint of round {checkpoint.loop.round} "
+            f"({checkpoint.loop.phase}), but run {checkpoint.run_id} already reached round "
+            f"{latest.round} ({latest.phase}); resuming from it would release rounds twice. "
+            f"Resume from the newest checkpoint: resume={newest} (or resume="
+            f"{checkpoint.run_id})")
+
+
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Checkpoint]:
     """The checkpoint's configuration with the allowed ``overrides`` applied."""
     try:
-        checkpoint = load_checkpoint(find_checkpoint(str(cfg.resume), cfg))
+        path = find_checkpoint(str(cfg.resume), cfg)
+        checkpoint = load_checkpoint(path)
     except ConfigError:
         raise
     except ValueError as err:  # a file that is not a fedface checkpoint
         raise ConfigError(f"resume={cfg.resume!r}: {err}") from None
+    refuse_older(cfg, path, checkpoint)
     refused = [o for o in overrides if _key(o) not in RESUMABLE]
     if refused:
         raise ConfigError(

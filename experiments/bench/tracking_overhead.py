@@ -37,7 +37,7 @@ def run(repeats: int = 5) -> list[dict]:
             shared, personal = task.shared_state(model), task.personal_state(model)
             state = LoopState(round=1, shared=shared, history={r: {"m": 1.0} for r in range(21)},
                               devices={d: {"device": f"device-{d:05d}"} for d in range(100)},
-                              exhausted=[], panel=list(range(10)), user_rounds=1,
+                              exhausted=[], panel=list(range(10)), release={"released": 1},
                               rng=np.random.default_rng(0).bit_generator.state)
             path = Path(tmp) / name / "last.pt"
             checkpoint = Checkpoint("r" * 32, "seed: 0\n", personal, state)

@@ -11,13 +11,20 @@ over exactly the coordinates devices are allowed to train (``keys``); any other
 value a device sends is ignored, so the guarantee holds whatever a device
 computes. ``scale`` is 1 except in a simulated cohort, where the noise is that of
 a larger cohort (``cohort / simulated cohort``).
+
+Updates must be finite: ``min(1, C / nan)`` is 1, so a NaN would pass clipping
+unchanged. ``fl.privacy.release`` screens every update before it gets here, and
+this function refuses a non-finite one as a last line.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from fl.privacy import noise as N
 
 
 @dataclass(frozen=True)
@@ -29,7 +36,8 @@ class Aggregate:
 
 def dp_fedavg(global_state: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
               keys: list[str], clip: float, noise_multiplier: float, denominator: float,
-              generator: torch.Generator, noise_scale: float = 1.0) -> Aggregate:
+              generator: torch.Generator, noise_scale: float = 1.0,
+              noise_mode: str = N.SEEDED) -> Aggregate:
     if clip <= 0 or denominator <= 0:
         raise ValueError("clip and denominator must be positive")
     total = {k: torch.zeros_like(global_state[k], dtype=torch.float64) for k in keys}
@@ -38,6 +46,9 @@ def dp_fedavg(global_state: dict[str, torch.Tensor], updates: list[dict[str, tor
         delta = {k: update[k].to(torch.float64) - global_state[k].to(torch.float64)
                  for k in keys}
         norm = torch.sqrt(sum((d * d).sum() for d in delta.values())).item()
+        if not math.isfinite(norm):
+            raise ValueError("a non-finite update reached DP-FedAvg; screen updates first "
+                             "(fl.privacy.release.screen)")
         norms.append(norm)
         factor = min(1.0, clip / (norm + 1e-12))
         clipped += factor < 1.0
@@ -46,8 +57,7 @@ def dp_fedavg(global_state: dict[str, torch.Tensor], updates: list[dict[str, tor
     std = noise_multiplier * clip * noise_scale
     state = dict(global_state)
     for k in keys:
-        noise = torch.normal(0.0, std, size=total[k].shape, generator=generator,
-                             dtype=torch.float64) if std > 0 else 0.0
+        noise = N.gaussian(total[k].shape, std, generator, noise_mode)
         mean = (total[k] + noise) / denominator
         state[k] = (global_state[k].to(torch.float64) + mean).to(global_state[k].dtype)
     return Aggregate(state, clipped / len(updates) if updates else 0.0, tuple(norms))

@@ -18,10 +18,12 @@ Epsilons come from Google's dp-accounting (RDP or PLD).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
 import dp_accounting as dpa
+from dp_accounting import mechanism_calibration
 
 # dp-accounting warns when it drops an RDP order it cannot evaluate; dropping an
 # order can only make the reported epsilon larger, so the warning is noise here.
@@ -86,15 +88,18 @@ class UserMechanism:
         """Epsilon at ``delta`` after ``rounds`` released aggregates."""
         return _user_epsilon(self, rounds)
 
+    def fresh_accountant(self) -> dpa.PrivacyAccountant:
+        """An empty accountant of this mechanism's kind and neighbouring relation."""
+        if self.accountant == "pld":
+            return dpa.pld.PLDAccountant()
+        relation = (dpa.NeighboringRelation.ADD_OR_REMOVE_ONE if self.sampling == "poisson"
+                    else dpa.NeighboringRelation.REPLACE_ONE)
+        return dpa.rdp.RdpAccountant(neighboring_relation=relation)
+
     def _compute_epsilon(self, rounds: int) -> float:
         if rounds <= 0:
             return 0.0
-        if self.accountant == "pld":
-            acc = dpa.pld.PLDAccountant()
-        else:
-            relation = (dpa.NeighboringRelation.ADD_OR_REMOVE_ONE if self.sampling == "poisson"
-                        else dpa.NeighboringRelation.REPLACE_ONE)
-            acc = dpa.rdp.RdpAccountant(neighboring_relation=relation)
+        acc = self.fresh_accountant()
         acc.compose(self.round_event(), rounds)
         return float(acc.get_epsilon(self.delta))
 
@@ -116,21 +121,25 @@ def _user_epsilon(mechanism: UserMechanism, rounds: int) -> float:
     return mechanism._compute_epsilon(rounds)
 
 
-def calibrate(make: callable, target_epsilon: float, rounds: int, low: float = 0.05,
-              high: float = 50.0, tolerance: float = 1e-3) -> float:
-    """Smallest noise multiplier whose epsilon after ``rounds`` is <= the target.
+def calibrate(make: Callable[[float], UserMechanism], target_epsilon: float, rounds: int,
+              low: float = 0.05, high: float = 50.0, tolerance: float = 1e-3) -> float:
+    """The smallest noise multiplier (within ``tolerance`` relative) whose epsilon
+    after ``rounds`` releases is at most the target.
 
-    ``make(noise) -> mechanism with .epsilon(rounds)``; epsilon falls as noise
-    grows, so bisection converges. Raises when even ``high`` cannot reach it.
+    ``make(noise)`` builds the round's mechanism; dp-accounting's
+    ``calibrate_dp_mechanism`` (Brent's method, with its own guarantee that the
+    returned value meets the target) searches ``[low, high]``. Raises when even
+    ``high`` cannot reach the target.
     """
     if make(high).epsilon(rounds) > target_epsilon:
         raise ValueError(f"target epsilon {target_epsilon} is out of reach over {rounds} "
                          f"rounds even with noise multiplier {high}; plan fewer rounds or "
                          "raise the target")
-    while high - low > tolerance * high:
-        mid = (low + high) / 2
-        if make(mid).epsilon(rounds) <= target_epsilon:
-            high = mid
-        else:
-            low = mid
-    return high
+    reference = make(high)
+    return float(mechanism_calibration.calibrate_dp_mechanism(
+        make_fresh_accountant=reference.fresh_accountant,
+        make_event_from_param=lambda noise: dpa.SelfComposedDpEvent(
+            make(noise).round_event(), rounds),
+        target_epsilon=target_epsilon, target_delta=reference.delta,
+        bracket_interval=mechanism_calibration.ExplicitBracketInterval(low, high),
+        tol=tolerance * low))

@@ -67,7 +67,7 @@ def test_calibration_says_when_the_target_is_out_of_reach():
 
 def test_simulated_cohort_is_reported_apart_from_the_real_guarantee():
     from fl.tracking import keys as K
-    from server.loop import user_epsilons
+    from fl.privacy.release import user_epsilons
 
     simulated = _mech(population=1_000_000, cohort=1000, delta=1e-7, simulated=True)
     out = user_epsilons(simulated, devices_per_round=10, num_devices=100, released=20)

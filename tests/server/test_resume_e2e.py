@@ -93,7 +93,7 @@ def _checkpoint(tmp_path: Path, cfg) -> Path:
     from omegaconf import OmegaConf
 
     state = LoopState(round=1, shared={"w": torch.zeros(2)}, history={0: {}, 1: {}},
-                      devices={}, exhausted=[], panel=[], user_rounds=1,
+                      devices={}, exhausted=[], panel=[], release={"released": 1},
                       rng={"bit_generator": "PCG64"})
     return save_checkpoint(tmp_path / "last.pt", Checkpoint(
         "0" * 32, OmegaConf.to_yaml(cfg, resolve=True), {}, state))

@@ -33,7 +33,7 @@ def test_fedavgm_momentum_survives_a_checkpoint(tmp_path):
     strategy.momentum_vector = [np.full(4, 0.25, np.float32)]
     state = LoopState(round=3, shared={"w": torch.ones(4)}, history={3: {"x": 1.0}},
                       devices={7: {"device": "device-00007"}}, exhausted=[7], panel=[7],
-                      user_rounds=3, rng=np.random.default_rng(5).bit_generator.state,
+                      release={"released": 3}, rng=np.random.default_rng(5).bit_generator.state,
                       strategy=strategy_state(strategy))
     path = save_checkpoint(tmp_path / "last.pt", Checkpoint("r" * 32, "seed: 0\n", {}, state))
     again = load_checkpoint(path)

@@ -1,0 +1,229 @@
+"""The release: how the server turns one round's device updates into the model it
+publishes, and what that costs in privacy.
+
+Everything the server does with updates is here, in the order a reviewer should
+check it (Flower's ``dp_fixed_clipping`` and pfl-research's
+``privacy_mechanism`` have the same shape: constrain sensitivity, then add noise):
+
+1. **screen** each update against the weights the server sent: the same array
+   keys, shapes and dtypes, and only finite values. A non-finite update is
+   rejected *before* clipping (``min(1, C / nan)`` is 1, so a NaN would pass the
+   clip unchanged) and counted as failed;
+2. **publish** the shared weights of the round:
+   * ``PlainRelease``: the configured Flower strategy aggregates (no user-level
+     DP; photo-level DP, if on, was applied on the devices);
+   * ``DpFedAvgRelease``: clip every update to C, sum with equal weights, add
+     Gaussian noise, divide by a fixed k (``fl.privacy.dp_fedavg``), with noise
+     from ``fl.privacy.noise`` (``privacy.noise``);
+3. **count** the release (``released``), which is what the accountant composes;
+4. **stop rule**: before a round, whether one more release would pass the budget.
+
+The round loop asks only these questions and never whether user-level DP is
+on. Persisting each release before anything derived from it leaves the server
+is the loop's job (``server.recorder``): a replayed round re-uses the persisted
+release and never calls ``release`` twice for the same round.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fl.privacy import noise as N
+from fl.privacy.dp_fedavg import dp_fedavg
+from fl.privacy.plan import UserPlan, default_delta
+from fl.privacy.user_level import UserMechanism
+from fl.tracking import keys as K
+
+
+@dataclass(frozen=True)
+class DeviceUpdate:
+    """One device's reply to a training round: its shared weights after training."""
+
+    node: int
+    arrays: dict[str, torch.Tensor]
+    message: Any = None  # the Flower reply, for a strategy's ``aggregate_train``
+
+
+@dataclass(frozen=True)
+class Released:
+    """What one round published."""
+
+    state: dict[str, torch.Tensor]  # the shared weights everyone may now see
+    metrics: dict[str, float]  # privacy and aggregation metrics of the release
+    accepted: list[int] = field(default_factory=list)  # nodes whose update counted
+    rejected: dict[int, str] = field(default_factory=dict)  # node -> why not
+
+
+def screen_update(arrays: dict[str, torch.Tensor],
+                  reference: dict[str, torch.Tensor]) -> str:
+    """Why ``arrays`` cannot be aggregated with weights shaped like ``reference``
+    ("" when it can). Reasons are short: they go into the ledger row and log."""
+    missing = sorted(set(reference) - set(arrays))
+    extra = sorted(set(arrays) - set(reference))
+    if missing or extra:
+        parts = ([f"missing arrays {missing[:3]}"] if missing else []) + (
+            [f"unexpected arrays {extra[:3]}"] if extra else [])
+        return "; ".join(parts)
+    for key, ref in reference.items():
+        value = arrays[key]
+        if tuple(value.shape) != tuple(ref.shape) or value.dtype != ref.dtype:
+            return (f"array {key!r} is {value.dtype} {tuple(value.shape)}, expected "
+                    f"{ref.dtype} {tuple(ref.shape)}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"non-finite values in {key!r}"
+    return ""
+
+
+def screen(updates: list[DeviceUpdate], reference: dict[str, torch.Tensor]
+           ) -> tuple[list[DeviceUpdate], dict[int, str]]:
+    """(updates that may be aggregated, {node: reason} for those that may not)."""
+    accepted, rejected = [], {}
+    for update in updates:
+        reason = screen_update(update.arrays, reference)
+        if reason:
+            rejected[update.node] = f"update rejected: {reason}"
+        else:
+            accepted.append(update)
+    return accepted, rejected
+
+
+class Release(ABC):
+    """One implementation per way of publishing a round (the contract test in
+    tests/privacy/test_release.py runs every implementation)."""
+
+    def __init__(self) -> None:
+        self.released = 0  # rounds published so far (what the accountant composes)
+
+    def release(self, rnd: int, shared: dict[str, torch.Tensor],
+                updates: list[DeviceUpdate]) -> Released:
+        """Screen, publish and count round ``rnd``. Never mutates ``shared``."""
+        accepted, rejected = screen(updates, shared)
+        state, metrics = self._publish(rnd, dict(shared), accepted)
+        self.released += 1
+        return Released(state, metrics | self.metrics(), [u.node for u in accepted], rejected)
+
+    @abstractmethod
+    def _publish(self, rnd: int, shared: dict[str, torch.Tensor],
+                 accepted: list[DeviceUpdate]) -> tuple[dict[str, torch.Tensor],
+                                                        dict[str, float]]:
+        """The round's published weights and metrics, from screened updates."""
+
+    def metrics(self) -> dict[str, float]:
+        """Privacy metrics after ``self.released`` releases."""
+        return {}
+
+    def stop_reason(self) -> str:
+        """Why one more release must not happen ("" when it may)."""
+        return ""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"released": self.released}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.released = int(state["released"])
+
+
+class PlainRelease(Release):
+    """The configured Flower strategy's aggregate (FedAvg by default): no
+    user-level guarantee; a weighted mean has no per-user sensitivity bound."""
+
+    def __init__(self, strategy) -> None:
+        super().__init__()
+        self.strategy = strategy
+
+    def _publish(self, rnd, shared, accepted):
+        if accepted:
+            aggregated, _ = self.strategy.aggregate_train(rnd, [u.message for u in accepted])
+            if aggregated is not None:
+                shared.update(aggregated.to_torch_state_dict())
+        return shared, {}
+
+
+def user_epsilons(m: UserMechanism, devices_per_round: int, num_devices: int,
+                  released: int) -> dict[str, float]:
+    """User-level epsilon of ``released`` aggregates, as MLflow metrics.
+
+    A simulated cohort is reported under its own ``simulated_*`` keys and,
+    separately, the real run's guarantee: the real cohort of k devices got noise
+    std sigma*C*k/K, i.e. a noise multiplier of sigma*k/K over the real fleet.
+    """
+    if not m.simulated:
+        return {K.USER_EPS: m.epsilon(released), K.USER_DELTA: m.delta,
+                K.USER_NOISE_MULTIPLIER: m.noise_multiplier}
+    real = real_mechanism(m, devices_per_round, num_devices)
+    return {K.SIM_USER_EPS: m.epsilon(released), K.SIM_USER_DELTA: m.delta,
+            K.SIM_USER_NOISE_MULTIPLIER: m.noise_multiplier,
+            K.USER_EPS: real.epsilon(released), K.USER_DELTA: real.delta,
+            K.USER_NOISE_MULTIPLIER: real.noise_multiplier}
+
+
+def real_mechanism(m: UserMechanism, devices_per_round: int, num_devices: int
+                   ) -> UserMechanism:
+    """The mechanism the real fleet got when noise was sized for a simulated
+    cohort of ``m.cohort``: std sigma*C*k/K over the real N and k."""
+    if not m.simulated:
+        return m
+    return UserMechanism(m.noise_multiplier * devices_per_round / m.cohort, m.clip,
+                         m.sampling, num_devices, devices_per_round,
+                         default_delta(num_devices), m.accountant)
+
+
+class DpFedAvgRelease(Release):
+    """User-level DP: DP-FedAvg over the device-trained shared weights.
+
+    The published quantity is ``shared + (sum_i clip_C(u_i) + N(0, (sigma C s)^2)) / k``
+    with k = ``fleet.devices_per_round`` (a fixed, public divisor) and s = 1, or
+    k / K for a simulated cohort of K. Neighbouring relation: add/remove one user
+    (Poisson sampling) or replace one user (fixed-size), as ``UserMechanism``
+    states; the noise is added even when nobody answered, so the release does not
+    depend on who did beyond the clipped sum.
+    """
+
+    def __init__(self, plan: UserPlan, is_device_trained: Callable[[str], bool],
+                 devices_per_round: int, num_devices: int, noise_mode: str, seed: int) -> None:
+        super().__init__()
+        self.mechanism = plan.mechanism
+        self.budget = float(plan.budget_epsilon or 0.0)
+        self.is_device_trained = is_device_trained
+        self.k, self.n = int(devices_per_round), int(num_devices)
+        self.noise_mode, self.seed = N.check_mode(noise_mode), int(seed)
+
+    def _publish(self, rnd, shared, accepted):
+        m = self.mechanism
+        keys = [k for k in shared if self.is_device_trained(k)]
+        aggregate = dp_fedavg(
+            shared, [u.arrays for u in accepted], keys, clip=m.clip,
+            noise_multiplier=m.noise_multiplier, denominator=self.k,
+            generator=N.generator(self.noise_mode, self.seed, rnd),
+            noise_scale=self.k / m.cohort, noise_mode=self.noise_mode)
+        return aggregate.state, {K.UPDATE_CLIP_FRACTION: aggregate.clip_fraction}
+
+    def metrics(self) -> dict[str, float]:
+        return user_epsilons(self.mechanism, self.k, self.n, self.released)
+
+    def stop_reason(self) -> str:
+        """The budget limits the accounted mechanism (the simulated one, in a
+        simulated cohort: the privacy report says so)."""
+        if self.budget <= 0:
+            return ""
+        after = self.mechanism.epsilon(self.released + 1)
+        if after <= self.budget:
+            return ""
+        what = "simulated user-level epsilon" if self.mechanism.simulated else \
+            "user-level epsilon"
+        return f"one more round would take {what} to {after:.3f}, past the budget {self.budget:g}"
+
+
+def make_release(user: UserPlan, strategy, is_device_trained: Callable[[str], bool],
+                 devices_per_round: int, num_devices: int, noise_mode: str,
+                 seed: int) -> Release:
+    """The release the privacy plan asks for."""
+    if user.enabled:
+        return DpFedAvgRelease(user, is_device_trained, devices_per_round, num_devices,
+                               noise_mode, seed)
+    return PlainRelease(strategy)

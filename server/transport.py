@@ -1,0 +1,60 @@
+"""Getting messages to devices and their replies back, within the round's time.
+
+fedface pushes a round's messages and polls for replies itself
+(``push_messages``/``pull_messages``) instead of Flower's blocking
+``send_and_receive``, so the console can count devices as they finish; a device
+that has not answered by the timeout is simply absent from the replies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp import Grid
+
+from fl import protocol as P
+
+PULL_INTERVAL = 0.25  # seconds between polls for device replies
+
+
+class SampledGrid:
+    """A grid whose node list is the devices fedface sampled for this step, so a
+    Flower strategy's ``configure_*`` addresses exactly them."""
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        self._grid, self._node_ids = grid, [int(n) for n in node_ids]
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+class Transport:
+    """Sends every message with the public initial personal part attached."""
+
+    def __init__(self, grid: Grid, personal_init: ArrayRecord, timeout: float,
+                 on_reply: Callable[[str, int, int], None]) -> None:
+        self.grid, self.personal_init, self.timeout = grid, personal_init, timeout
+        self.on_reply = on_reply  # (step, replies so far, messages sent)
+
+    def send(self, messages: Iterable[Message], step: str) -> list[Message]:
+        """Push the messages, then pull replies until all came or the timeout passed."""
+        messages = list(messages)
+        for message in messages:
+            message.content[P.PERSONAL_INIT] = self.personal_init
+        waiting = set(self.grid.push_messages(messages))
+        total, replies = len(waiting), []
+        deadline = time.time() + self.timeout
+        while waiting and time.time() < deadline:
+            got = list(self.grid.pull_messages(waiting))
+            replies += got
+            waiting -= {reply.metadata.reply_to_message_id for reply in got}
+            if got:
+                self.on_reply(step, len(replies), total)
+            if waiting:
+                time.sleep(PULL_INTERVAL)
+        return replies
