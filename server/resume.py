@@ -25,6 +25,21 @@ def local_checkpoint(cfg: DictConfig, run_id: str) -> Path:
     return Path(cfg.checkpoint.dir) / run_id / CHECKPOINT_FILE
 
 
+def _download(cfg: DictConfig, run_id: str) -> Path:
+    """The run's checkpoint as logged to MLflow (its newest: logged at every write)."""
+    quiet_mlflow()
+    return Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"runs:/{run_id}/{ARTIFACT_PATH}/{CHECKPOINT_FILE}",
+        tracking_uri=tracking_uri(cfg)))
+
+
+def _artifact(cfg: DictConfig, run_id: str) -> Path | None:
+    try:
+        return _download(cfg, run_id)
+    except Exception:  # noqa: BLE001 - no such run or store here: nothing newer known
+        return None
+
+
 def find_checkpoint(resume: str, cfg: DictConfig) -> Path:
     """A checkpoint file, a run's checkpoint directory, or a run id (looked up in
     ``checkpoint.dir``, then in the run's MLflow artifacts)."""
@@ -35,11 +50,8 @@ def find_checkpoint(resume: str, cfg: DictConfig) -> Path:
         return path / CHECKPOINT_FILE
     if local_checkpoint(cfg, resume).is_file():
         return local_checkpoint(cfg, resume)
-    quiet_mlflow()
     try:
-        return Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"runs:/{resume}/{ARTIFACT_PATH}/{CHECKPOINT_FILE}",
-            tracking_uri=tracking_uri(cfg)))
+        return _download(cfg, resume)
     except Exception as err:  # noqa: BLE001 - MLflow raises many types for a bad id
         raise ConfigError(
             f"resume={resume!r} is neither a checkpoint file nor an MLflow run with a "
@@ -52,26 +64,26 @@ def _key(override: str) -> str:
 
 
 def refuse_older(cfg: DictConfig, path: Path, checkpoint: Checkpoint) -> None:
-    """Refuse a checkpoint older than the run's newest one in ``checkpoint.dir``.
+    """Refuse a checkpoint older than the run's newest (in ``checkpoint.dir`` or MLflow).
 
     Resuming from it would redo rounds whose aggregates were already released,
     with new noise: two releases of one round leak their difference. (Devices
     refuse too, when they hold state of a later round: ``server.loop``.)
     """
-    newest = local_checkpoint(cfg, checkpoint.run_id)
-    if not newest.is_file() or newest.resolve() == path.resolve():
-        return
-    try:
-        latest = load_checkpoint(newest).loop
-    except ValueError:
-        return  # unreadable: the devices' own check still applies
-    if latest.progress > checkpoint.loop.progress:
+    for newest in (local_checkpoint(cfg, checkpoint.run_id), _artifact(cfg, checkpoint.run_id)):
+        if newest is None or not newest.is_file() or newest.resolve() == path.resolve():
+            continue
+        try:
+            latest = load_checkpoint(newest).loop
+        except ValueError:
+            continue  # unreadable: the devices' own check still applies
+        if latest.progress <= checkpoint.loop.progress:
+            continue
         raise ConfigError(
             f"resume={cfg.resume!r} is the checkpoint of round {checkpoint.loop.round} "
             f"({checkpoint.loop.phase}), but run {checkpoint.run_id} already reached round "
             f"{latest.round} ({latest.phase}); resuming from it would release rounds twice. "
-            f"Resume from the newest checkpoint: resume={newest} (or resume="
-            f"{checkpoint.run_id})")
+            f"Resume from the newest checkpoint: resume={checkpoint.run_id} (it is {newest})")
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Checkpoint]:

@@ -60,8 +60,12 @@ def simulate(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None = None,
 
     @server_app.main()
     def main(grid: Grid, context) -> None:
-        outcome["summary"] = run_experiment(wrap_grid(grid) if wrap_grid else grid, cfg,
-                                            resume=resume)
+        try:
+            outcome["summary"] = run_experiment(wrap_grid(grid) if wrap_grid else grid, cfg,
+                                                resume=resume)
+        except BaseException as err:  # Flower only logs it; the caller gets it below
+            outcome["error"] = err
+            raise
 
     _quiet_framework_logs(bool(cfg.verbose))
     # Each simulated device trains with one thread; Ray runs as many as cores allow.
@@ -75,6 +79,8 @@ def simulate(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None = None,
     run_simulation(server_app=server_app, client_app=client_app,
                    num_supernodes=int(cfg.fleet.num_devices),
                    backend_config=backend_config, verbose_logging=bool(cfg.verbose))
+    if "error" in outcome:
+        raise outcome["error"]
     if "summary" not in outcome:
         raise RuntimeError("the simulation ended without finishing the experiment; see the "
                            "Flower log (the Hydra job's .log file, or rerun with verbose=true)")

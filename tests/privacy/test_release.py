@@ -1,0 +1,134 @@
+"""The release contract: every way of publishing a round passes the same tests
+(the shape of dp-accounting's ``privacy_accountant_test``), plus what only
+DP-FedAvg promises. A device's reply is untrusted: each test plays the device."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.serverapp.strategy import FedAvg
+
+from fl import protocol as P
+from fl.privacy.plan import UserPlan
+from fl.privacy.release import DeviceUpdate, DpFedAvgRelease, PlainRelease, screen_update
+from fl.privacy.user_level import UserMechanism
+from fl.tracking import keys as K
+from tests.privacy.replies import train_reply
+
+SHARED = {"decoder.w": torch.zeros(64), "encoder.w": torch.zeros(8)}
+
+
+def _mechanism(**kw) -> UserMechanism:
+    base = dict(noise_multiplier=1.0, clip=1.0, sampling="poisson", population=100, cohort=4,
+                delta=1e-3)
+    return UserMechanism(**{**base, **kw})
+
+
+def dp_release(noise: str = "seeded", budget: float = 0.0, **kw) -> DpFedAvgRelease:
+    plan = UserPlan(True, _mechanism(**kw), budget_epsilon=budget)
+    return DpFedAvgRelease(plan, lambda k: k.startswith("decoder"), devices_per_round=4,
+                           num_devices=100, noise_mode=noise, seed=0)
+
+
+def plain_release() -> PlainRelease:
+    return PlainRelease(FedAvg(weighted_by_key=P.WEIGHT_KEY))
+
+
+RELEASES = {"plain": plain_release, "dp_fedavg": dp_release}
+
+
+def _update(node: int, value: float, **overrides) -> DeviceUpdate:
+    arrays = {k: torch.full_like(v, value) for k, v in SHARED.items()} | overrides
+    return DeviceUpdate(node, arrays, train_reply(node, arrays))
+
+
+@pytest.fixture(params=sorted(RELEASES))
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture()
+def release(kind):
+    return RELEASES[kind]()
+
+
+def test_a_nan_update_is_rejected_and_the_release_stays_finite(release):
+    nan = _update(1, 0.0, **{"decoder.w": torch.full((64,), float("nan"))})
+    out = release.release(1, SHARED, [_update(0, 0.1), nan])
+    assert out.accepted == [0] and "non-finite" in out.rejected[1]
+    assert all(bool(torch.isfinite(v).all()) for v in out.state.values())
+
+
+def test_an_infinite_update_cannot_pass_the_clip(release):
+    inf = _update(1, 0.0, **{"decoder.w": torch.full((64,), float("inf"))})
+    out = release.release(1, SHARED, [inf])
+    assert 1 in out.rejected
+    assert all(bool(torch.isfinite(v).all()) for v in out.state.values())
+
+
+@pytest.mark.parametrize("arrays,reason", [
+    ({"decoder.w": torch.zeros(63), "encoder.w": torch.zeros(8)}, "expected"),
+    ({"decoder.w": torch.zeros(64, dtype=torch.float64), "encoder.w": torch.zeros(8)},
+     "expected"),
+    ({"decoder.w": torch.zeros(64)}, "missing arrays"),
+    ({**SHARED, "personal.identity": torch.zeros(4)}, "unexpected arrays"),
+])
+def test_a_malformed_update_is_rejected_with_its_reason(release, arrays, reason):
+    out = release.release(1, SHARED, [DeviceUpdate(3, arrays, train_reply(3, arrays))])
+    assert reason in out.rejected[3] and out.accepted == []
+
+
+def test_releasing_counts_once_per_round_and_never_mutates_the_input(release):
+    before = {k: v.clone() for k, v in SHARED.items()}
+    for rnd in (1, 2, 3):
+        release.release(rnd, SHARED, [_update(0, 0.5)])
+    assert release.released == 3
+    assert all(torch.equal(SHARED[k], before[k]) for k in SHARED)
+
+
+def test_the_count_survives_a_checkpoint(kind, release):
+    release.release(1, SHARED, [])
+    again = RELEASES[kind]()
+    again.load_state_dict(release.state_dict())
+    assert again.released == 1 and again.metrics() == release.metrics()
+
+
+def test_screen_accepts_exactly_the_weights_it_sent():
+    assert screen_update(dict(SHARED), SHARED) == ""
+
+
+# --- DP-FedAvg only -------------------------------------------------------------------
+
+def test_dp_fedavg_clips_noises_and_accounts_every_round_even_an_empty_one():
+    release = dp_release(noise_multiplier=2.0)
+    out = release.release(1, SHARED, [])
+    assert out.state["decoder.w"].abs().sum() > 0  # noise with nobody answering
+    assert torch.equal(out.state["encoder.w"], SHARED["encoder.w"])  # not device-trained
+    assert out.metrics[K.USER_EPS] == pytest.approx(release.mechanism.epsilon(1))
+
+
+def test_dp_fedavg_stops_before_passing_its_budget():
+    release = dp_release()
+    release.budget = (release.mechanism.epsilon(2) + release.mechanism.epsilon(3)) / 2
+    for rnd in (1, 2):
+        assert release.stop_reason() == ""
+        release.release(rnd, SHARED, [])
+    assert "past the budget" in release.stop_reason()
+
+
+def test_a_simulated_budget_says_it_limits_the_simulated_epsilon():
+    release = dp_release(population=10_000, cohort=100, simulated=True)
+    release.budget = release.mechanism.epsilon(1) / 2
+    assert "simulated user-level epsilon" in release.stop_reason()
+
+
+@pytest.mark.parametrize("noise", ["seeded", "secure"])
+def test_the_noise_on_the_sum_has_the_accounted_scale(noise):
+    shared = {"decoder.w": torch.zeros(100_000)}
+    plan = UserPlan(True, _mechanism(noise_multiplier=2.0, clip=0.5))
+    release = DpFedAvgRelease(plan, lambda k: True, 4, 100, noise, seed=0)
+    out = release.release(1, shared, [])
+    assert (out.state["decoder.w"].double() * 4).std().item() == pytest.approx(1.0, rel=0.02)
+    assert math.isfinite(out.metrics[K.USER_EPS])
