@@ -98,7 +98,7 @@ def _privacy_lines(history: dict[int, dict[str, float]], plan: PrivacyPlan) -> l
         lines.append(f"user level   epsilon {last(K.USER_EPS):.2f} at delta "
                      f"{last(K.USER_DELTA):.2g} per user ({m.accountant.upper()}, "
                      f"{m.sampling} sampling, noise {last(K.USER_NOISE_MULTIPLIER):.3g}, "
-                     f"clip {m.clip:g})" + ("  no budget or target applies to it"
+                     f"clip {m.clip:g})" + ("; no budget or target applies to it"
                                            if m.simulated else ""))
         if m.simulated:
             limit = f", budget {user.budget_epsilon:g}" if user.budget_epsilon else ""

@@ -67,6 +67,31 @@ def test_deltas_follow_the_data_and_targets_calibrate_noise():
     assert plan.user.mechanism.epsilon(20) <= 4 < plan.user.mechanism.epsilon(21) * 1.5
 
 
+def test_plan_params_never_hold_simulated_values_under_real_names():
+    """Under a simulated cohort, privacy.plan.user_* are the real run's values (noise
+    multiplier sigma*k/K on the real fleet); the simulation's, and the budget that
+    limits only it, are logged as privacy.plan.simulated_user_*."""
+    from fl.privacy.plan import privacy_plan
+
+    params = privacy_plan(compose(["privacy.user.simulated_population=1000000",
+                                   "privacy.user.simulated_cohort_size=1000",
+                                   "privacy.user.budget_epsilon=2"])).params()
+    assert params["privacy.plan.user_simulated"] == "True"
+    assert params["privacy.plan.user_population"] == "100"
+    assert params["privacy.plan.user_cohort"] == "10"
+    assert float(params["privacy.plan.user_noise_multiplier"]) == pytest.approx(10 / 1000)
+    assert float(params["privacy.plan.user_delta"]) == pytest.approx(0.1 / 100)
+    assert "privacy.plan.user_budget_epsilon" not in params
+    simulated = {k.removeprefix("privacy.plan.simulated_user_"): v for k, v in params.items()
+                 if k.startswith("privacy.plan.simulated_user_")}
+    assert simulated == {"noise_multiplier": "1", "delta": "1e-07", "population": "1000000",
+                         "cohort": "1000", "budget_epsilon": "2", "noise_calibrated": "False"}
+    plain = privacy_plan(compose()).params()
+    assert plain["privacy.plan.user_population"] == "100"
+    assert plain["privacy.plan.user_budget_epsilon"] == "0"
+    assert not any("simulated_" in key for key in plain)
+
+
 def test_photo_target_epsilon_is_also_the_device_budget():
     from fl.privacy.plan import privacy_plan
 

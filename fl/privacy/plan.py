@@ -33,15 +33,59 @@ class PhotoPlan:
 
 @dataclass(frozen=True)
 class UserPlan:
+    """The user-level plan. Under a simulated cohort, ``mechanism``,
+    ``budget_epsilon`` and ``target_epsilon`` describe the SIMULATED deployment
+    (the server's stop rule uses them); ``real_mechanism`` is what the real fleet
+    of ``fleet_population`` devices, ``fleet_cohort`` a round, actually got."""
+
     enabled: bool
     mechanism: UserMechanism | None = None
     budget_epsilon: float = 0.0
     target_epsilon: float | None = None
     rounds: int = 0
+    fleet_population: int = 0  # N: fleet.num_devices
+    fleet_cohort: int = 0  # k: fleet.devices_per_round
 
     @property
     def simulated(self) -> bool:
         return bool(self.mechanism and self.mechanism.simulated)
+
+    @property
+    def real_mechanism(self) -> UserMechanism | None:
+        """The real run's mechanism, whatever is simulated.
+
+        A simulated cohort of K adds noise std sigma*C*k/K to the real sum of k
+        updates: a noise multiplier of sigma*k/K over the real fleet of N, at the
+        default delta 0.1/N (as ``server.loop.user_epsilons`` reports it). No
+        budget or target applies to it; they limit the simulation.
+        """
+        m = self.mechanism
+        if m is None or not m.simulated:
+            return m
+        return UserMechanism(m.noise_multiplier * self.fleet_cohort / m.cohort, m.clip,
+                             m.sampling, self.fleet_population, self.fleet_cohort,
+                             default_delta(self.fleet_population), m.accountant)
+
+
+def _user_params(user: UserPlan) -> dict[str, str]:
+    """``privacy.plan.user_*`` always describe the real run; a simulated cohort's
+    values (and the budget and target that limit only the simulation) go under
+    ``privacy.plan.simulated_user_*``, so no simulated value hides under a real name."""
+    real, planned = user.real_mechanism, user.mechanism
+    out = {"privacy.plan.user_simulated": str(user.simulated),
+           "privacy.plan.user_noise_multiplier": f"{real.noise_multiplier:.6g}",
+           "privacy.plan.user_delta": f"{real.delta:.6g}",
+           "privacy.plan.user_sampling": real.sampling,
+           "privacy.plan.user_population": str(real.population),
+           "privacy.plan.user_cohort": str(real.cohort)}
+    limits = {"budget_epsilon": f"{user.budget_epsilon:.6g}",
+              "noise_calibrated": str(user.target_epsilon is not None)}
+    if not user.simulated:
+        return out | {f"privacy.plan.user_{k}": v for k, v in limits.items()}
+    simulated = {"noise_multiplier": f"{planned.noise_multiplier:.6g}",
+                 "delta": f"{planned.delta:.6g}", "population": str(planned.population),
+                 "cohort": str(planned.cohort)} | limits
+    return out | {f"privacy.plan.simulated_user_{k}": v for k, v in simulated.items()}
 
 
 @dataclass(frozen=True)
@@ -51,7 +95,7 @@ class PrivacyPlan:
     noise: str = "seeded"  # privacy.noise (fl.privacy.noise): "secure" | "seeded"
 
     def params(self) -> dict[str, str]:
-        """MLflow params of the resolved plan (simulated values say so)."""
+        """MLflow params of the resolved plan (simulated values under their own names)."""
         out = {"privacy.plan.photo_enabled": str(self.photo.enabled),
                "privacy.plan.user_enabled": str(self.user.enabled)}
         if self.photo.enabled:
@@ -61,16 +105,7 @@ class PrivacyPlan:
                         "privacy.plan.photo_noise_calibrated": str(
                             self.photo.target_epsilon is not None)})
         if self.user.enabled:
-            m = self.user.mechanism
-            tag = " (simulated deployment)" if m.simulated else ""
-            out.update({"privacy.plan.user_noise_multiplier": f"{m.noise_multiplier:.6g}",
-                        "privacy.plan.user_delta": f"{m.delta:.6g}",
-                        "privacy.plan.user_sampling": m.sampling,
-                        "privacy.plan.user_population": f"{m.population}{tag}",
-                        "privacy.plan.user_cohort": f"{m.cohort}{tag}",
-                        "privacy.plan.user_budget_epsilon": f"{self.user.budget_epsilon:.6g}",
-                        "privacy.plan.user_noise_calibrated": str(
-                            self.user.target_epsilon is not None)})
+            out.update(_user_params(self.user))
         return out
 
 
@@ -131,7 +166,8 @@ def user_plan(cfg: DictConfig) -> UserPlan:
         mechanism = make(float(u.noise_multiplier))
         budget = float(u.budget_epsilon or 0.0)
     return UserPlan(True, mechanism, budget,
-                    float(target) if u.noise_multiplier is None else None, int(f.rounds))
+                    float(target) if u.noise_multiplier is None else None, int(f.rounds),
+                    int(f.num_devices), int(f.devices_per_round))
 
 
 def privacy_plan(cfg: DictConfig) -> PrivacyPlan:
