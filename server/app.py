@@ -100,7 +100,8 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
         rounds=f.rounds, devices_per_round=f.devices_per_round, sampling=f.sampling,
         eval_devices=f.eval_devices, num_devices=f.num_devices, newuser_every=f.newuser_every,
         newuser_identities=f.newuser_identities, newuser_steps=f.newuser_steps,
-        round_timeout=f.round_timeout, seed=cfg.seed, photo=plan.photo)
+        round_timeout=f.round_timeout, seed=cfg.seed, photo=plan.photo,
+        noise=plan.noise)
     progress = Progress(f.rounds)
     recorder = RoundRecorder(cfg, logger, task, spec, personal_init, progress, log)
     if resume is not None:

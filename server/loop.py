@@ -21,6 +21,7 @@ is on. Each round:
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -33,6 +34,7 @@ from flwr.serverapp.strategy import Strategy
 from fl import protocol as P
 from fl.config import ConfigError
 from fl.data.fleet import FleetSpec
+from fl.privacy.noise import SEEDED
 from fl.privacy.plan import PhotoPlan
 from fl.privacy.release import DeviceUpdate, Release
 from fl.tasks.base import Task
@@ -66,6 +68,7 @@ class LoopSettings:
     round_timeout: float
     seed: int
     photo: PhotoPlan
+    noise: str = SEEDED  # privacy.noise: also decides where the sampling seed comes from
 
 
 @dataclass
@@ -98,8 +101,11 @@ class RoundLoop:
         self.personal_init = personal_init
         self.recorder = recorder
         self.progress = progress or Progress(settings.rounds)
+        # Under secure noise the cohorts are secret too (sampling amplification
+        # assumes it); the generator state then lives only in the checkpoint.
+        sampling_seed = settings.seed if settings.noise == SEEDED else secrets.randbits(64)
         self.sampler = CohortSampler(settings.sampling, settings.devices_per_round,
-                                     settings.num_devices, settings.seed)
+                                     settings.num_devices, sampling_seed)
         self.transport = Transport(grid, ArrayRecord(personal_init), settings.round_timeout,
                                    self.progress.devices)
 

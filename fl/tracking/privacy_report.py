@@ -210,15 +210,25 @@ def report(plan: PrivacyPlan, history: dict[int, dict[str, float]],
          "accounted; devices are trusted to run DP-SGD as instructed and to enforce their "
          "own budget."),
         _noise_trust(plan),
-        ("Device sampling is seeded from the run's seed in both noise modes (reproducible "
-         "cohorts, exact resumes): a party that knows the seed knows who was drawn in each "
-         "round, and against it the user-level epsilon's amplification by sampling does "
-         "not apply."),
+        _sampling_trust(plan),
     ]
     out["treated_as_public"] = TREATED_AS_PUBLIC
     out["released_without_dp"] = RELEASED_WITHOUT_DP
     out["released_by_server_without_dp"] = RELEASED_BY_SERVER_WITHOUT_DP
     return out
+
+
+def _sampling_trust(plan: PrivacyPlan) -> str:
+    """Whether the cohorts are secret: the user-level amplification by sampling
+    assumes that who took part in a round is unknown to the adversary."""
+    if plan.noise == SECURE:
+        return ("Device sampling draws from the operating system's randomness (its generator "
+                "state is kept only in the server's checkpoint, an MLflow artifact: a reader "
+                "of the checkpoint learns the next cohorts). The ledger and per-round counts "
+                "still reveal who took part when (released_by_server_without_dp).")
+    return ("Device sampling is seeded from the run's seed (reproducible cohorts, exact "
+            "resumes): a party that knows the seed knows who was drawn in each round, and "
+            "against it the user-level epsilon's amplification by sampling does not apply.")
 
 
 def _table(title: str, head: tuple[str, str], rows: dict[str, Any]) -> list[str]:
