@@ -4,22 +4,42 @@ Each round a sampled device opens its photos through consent
 (``clients.device``), restores its personal part and photo-level ledger from its
 own store (``clients.device_state``), fine-tunes under DP-SGD, saves them back, and replies with
 the device-trained *shared* weights and scalar metrics only.
+
+A device does not trust the server's instructions where its users' privacy
+depends on them. Before touching its photos it refuses, with a not-trained reply
+that says why:
+
+* seeded noise on a real device (one started with a ``data-dir`` or
+  ``state-dir``, which only its owner sets): anyone who knows the run's seed
+  could rebuild that noise and subtract it from the update;
+* a round older than its own state of this run: the server resumed from an
+  older checkpoint than the device's state, and would otherwise have it release
+  a round again as if the later ones had not happened. The reply carries
+  ``P.NEWER_STATE_ROUND`` so the server stops and says which checkpoint to use.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from functools import lru_cache
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.device import DeviceView, device_index, open_device
-from clients.device_state import device_store, load_ledger, load_personal, save_state
+from clients.device import DeviceView, device_index, is_real_device, open_device
+from clients.device_state import (
+    DeviceStore,
+    device_store,
+    load_ledger,
+    load_personal,
+    save_state,
+)
 from clients.trainer import BUDGET_EXHAUSTED as STATUS_EXHAUSTED
-from clients.trainer import TRAINED, train_on_device
+from clients.trainer import TRAINED, Outcome, dp_generator, train_on_device
 from fl import protocol as P
+from fl.data.fleet import FleetSpec
+from fl.privacy.ledger import PhotoLedger
+from fl.privacy.noise import SEEDED
 from fl.tasks import Task, get_task
 
 app = ClientApp()
@@ -31,20 +51,27 @@ def _task(params_json: str) -> Task:
     return get_task(json.loads(params_json))
 
 
-def _prepare(msg: Message, context: Context, before_round: int):
-    """Open the device and build its model as of ``before_round`` (its own state
-    from earlier rounds only: see ``clients.device_state`` on repeated rounds)."""
+def _instructions(msg: Message, context: Context) -> tuple[P.Recipe, Task, FleetSpec,
+                                                          DeviceStore]:
+    """The round's recipe, task and data spec, and this device's own store."""
     recipe, task_params, fleet = P.parse_round_config(msg.content[P.CONFIG])
     task = _task(json.dumps(task_params, sort_keys=True))
+    return recipe, task, fleet, device_store(context, recipe, device_index(context))
+
+
+def _prepare(msg: Message, context: Context, recipe: P.Recipe, task: Task, fleet: FleetSpec,
+             store: DeviceStore, before_round: int):
+    """Open the device and build its model with its personal weights as of
+    ``before_round`` (from earlier rounds only: see ``clients.device_state`` on
+    repeated rounds)."""
     view = open_device(context, fleet, recipe, task)
-    store = device_store(context, recipe, device_index(context))
     model, personalised = None, False
     if view.data is not None:
         model = task.build_model(fleet.image_size)
         model.load_state_dict(msg.content[P.ARRAYS].to_torch_state_dict(), strict=False)
         personalised = load_personal(store, before_round, model, task,
                                      msg.content[P.PERSONAL_INIT].to_torch_state_dict())
-    return recipe, task, fleet, view, model, store, personalised
+    return view, model, personalised
 
 
 def _server_round(msg: Message) -> int:
@@ -67,36 +94,74 @@ def _check_photo_delta(delta: float, num_photos: int) -> None:
         )
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    server_round = _server_round(msg)
-    recipe, task, _fleet, view, model, store, _ = _prepare(msg, context, server_round)
-    device = device_index(context)
-    recipe = dataclasses.replace(recipe, seed=hash((recipe.seed, server_round, device)) % 2**31)
-    ledger = load_ledger(store, server_round, recipe.accountant)
-    trained, exhausted, steps, loss, rate, used = False, False, 0, 0.0, 0.0, 0
-    if view.can_train:
-        tensors = task.training_tensors(view.data)
-        if recipe.photo_dp:
-            _check_photo_delta(recipe.delta, len(tensors[0]))
-        outcome = train_on_device(task, model, tensors, recipe, ledger)
-        trained, exhausted = outcome.status == TRAINED, outcome.status == STATUS_EXHAUSTED
-        steps, rate = outcome.steps, outcome.sample_rate
-        loss, used = (outcome.loss, len(tensors[0])) if trained else (0.0, 0)
-    metrics = {
+SEEDED_REFUSAL = ("refused: the server asked for seeded noise, which anyone who knows the "
+                  "run's seed can rebuild; real devices train only with privacy.noise=secure")
+
+
+def _refusal(context: Context, recipe: P.Recipe, store: DeviceStore,
+             server_round: int) -> tuple[str, dict]:
+    """Why this device will not train this round ("" if it will), and the metrics
+    that say so to the server."""
+    if recipe.noise == SEEDED and is_real_device(context):
+        return SEEDED_REFUSAL, {}
+    newest = store.newest_round()
+    if newest is not None and newest > server_round:
+        reason = (f"refused: this device already holds its state after round {newest} of "
+                  f"this run but was asked to train round {server_round}: the server resumed "
+                  "from a checkpoint older than this device's state; resume from the run's "
+                  "newest checkpoint")
+        return reason, {P.NEWER_STATE_ROUND: newest}
+    return "", {}
+
+
+def _train_metrics(recipe: P.Recipe, ledger: PhotoLedger, outcome: Outcome | None = None,
+                   used: int = 0) -> dict:
+    """A training reply's metrics (``outcome``: None if it did not train); the
+    ledger's are sent whether or not it trained."""
+    trained = outcome is not None and outcome.status == TRAINED
+    return {
         P.WEIGHT_KEY: used,
         P.TRAINED: int(trained),
-        P.BUDGET_EXHAUSTED: int(exhausted),
-        P.STEPS: steps,
-        P.TRAIN_LOSS: loss,
+        P.BUDGET_EXHAUSTED: int(outcome is not None and outcome.status == STATUS_EXHAUSTED),
+        P.STEPS: outcome.steps if outcome else 0,
+        P.TRAIN_LOSS: outcome.loss if trained else 0.0,
         P.PHOTO_EPS: ledger.epsilon(recipe.delta) if recipe.photo_dp else 0.0,
         P.PARTICIPATIONS: ledger.participations,
         P.LEDGER_STEPS: ledger.steps,
-        P.SAMPLE_RATE: rate,
+        P.SAMPLE_RATE: outcome.sample_rate if outcome else 0.0,
         P.PHOTOS_USED: used,
     }
-    content = _reply(metrics, view)
-    if trained:
+
+
+def _fine_tune(task: Task, model, view: DeviceView, recipe: P.Recipe, ledger: PhotoLedger,
+               server_round: int, device: int) -> tuple[Outcome | None, int]:
+    """Train on the consented photos if there are any; (outcome, photos used)."""
+    if not view.can_train:
+        return None, 0
+    tensors = task.training_tensors(view.data)
+    if recipe.photo_dp:
+        _check_photo_delta(recipe.delta, len(tensors[0]))
+    outcome = train_on_device(task, model, tensors, recipe, ledger,
+                              dp_generator(recipe, server_round, device))
+    return outcome, len(tensors[0]) if outcome.status == TRAINED else 0
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    server_round = _server_round(msg)
+    recipe, task, fleet, store = _instructions(msg, context)
+    ledger = load_ledger(store, recipe.accountant)  # the newest: never rolled back
+    reason, extra = _refusal(context, recipe, store, server_round)
+    if reason:
+        content = RecordDict({P.METRICS: MetricRecord(_train_metrics(recipe, ledger) | extra),
+                              P.STATUS: ConfigRecord({P.REASON: reason})})
+        return Message(content=content, reply_to=msg)
+    view, model, _ = _prepare(msg, context, recipe, task, fleet, store, server_round)
+    outcome, used = _fine_tune(task, model, view, recipe, ledger, server_round,
+                               device_index(context))
+    content = _reply(_train_metrics(recipe, ledger, outcome, used), view)
+    if outcome is not None and outcome.status == TRAINED:
+        # Recorded on the device before anything of the update leaves it.
         save_state(store, server_round, model, task, ledger)
         content[P.ARRAYS] = ArrayRecord(task.shared_state(model))
     return Message(content=content, reply_to=msg)
@@ -113,7 +178,9 @@ def roll_call(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     # Evaluation follows the round's training: it sees the state that round wrote.
-    _, task, fleet, view, model, _, personalised = _prepare(msg, context, _server_round(msg) + 1)
+    recipe, task, fleet, store = _instructions(msg, context)
+    view, model, personalised = _prepare(msg, context, recipe, task, fleet, store,
+                                         _server_round(msg) + 1)
     metrics = {P.WEIGHT_KEY: 0, P.PERSONALISED: int(personalised)}
     if view.can_evaluate:
         metrics |= task.evaluate_device(model, view.data, fleet)

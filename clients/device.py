@@ -20,7 +20,7 @@ from pathlib import Path
 
 from flwr.app import Context
 
-from clients.device_state import erase_all_personal
+from clients.device_state import STATE_DIR_KEY, erase_all_personal
 from fl import protocol as P
 from fl.data import consent
 from fl.data.device_data import DeviceData, forget, load_device_data
@@ -38,6 +38,13 @@ def device_index(context: Context) -> int:
             "--node-config 'partition-id=<device index>'"
         )
     return int(context.node_config["partition-id"])
+
+
+def is_real_device(context: Context) -> bool:
+    """Whether this SuperNode is a real device: its owner gave it its own photos
+    (``data-dir``) or state (``state-dir``) in its node config, which the server
+    cannot set. A simulated device has neither."""
+    return DATA_DIR_KEY in context.node_config or STATE_DIR_KEY in context.node_config
 
 
 def device_dir(context: Context, recipe: P.Recipe) -> Path:

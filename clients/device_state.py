@@ -11,11 +11,29 @@ in the server's checkpoint, not in MLflow.
 
 State is kept in **generations** stamped with the run and the server round that
 wrote them (``gen-000007/{personal.pt, ledger.json, stamp.json}``, each written
-whole and renamed into place). Why: a server stopped mid-way resumes from its last
-checkpoint, so it may send round r again to a device that already trained round
-r. The device then starts from the state it had *before* round r, and the privacy
-spent in the abandoned attempt is neither counted twice nor lost from the
-outcome of the repeated round.
+whole and renamed into place), numbered in the order they were written.
+
+A server stopped mid-way resumes from its last checkpoint, so it may send round
+r again to a device that already trained round r. The two halves of the state
+then go different ways:
+
+* the **personal weights** start from the generation before round r, so the
+  repeated round builds on the same state as the first attempt;
+* the **ledger** never goes back: it is always the newest generation's, of any
+  round and any run. The first attempt's update has left the device whether or
+  not the server kept it, and a repeated round is not the same release again:
+  the photos may have changed in between (consent, deletion), and under
+  ``privacy.noise=secure`` the noise is fresh anyway. Rolling the ledger back
+  would count two different releases as one.
+
+Every save writes a new generation whose ledger extends the newest one on disk
+(``DeviceStore.save`` refuses one with fewer participations), so the newest
+generation's ledger holds everything ever spent, and pruning older generations
+loses none of it.
+
+A device whose newest generation *of this run* is stamped with a later round
+than the one it is asked to train knows the server went back to an older
+checkpoint than its own state; it refuses (``newest_round``, ``clients.app``).
 """
 
 from __future__ import annotations
@@ -35,7 +53,6 @@ from fl.tasks.base import Task
 STATE_DIR_KEY = "state-dir"  # node config of a real device
 PERSONAL_FILE, LEDGER_FILE, STAMP_FILE = "personal.pt", "ledger.json", "stamp.json"
 GENERATION_PREFIX = "gen-"
-KEEP_GENERATIONS = 2  # the newest state and the one before it (enough to redo one round)
 
 
 class DeviceStore:
@@ -55,31 +72,46 @@ class DeviceStore:
                               json.loads(stamp_file.read_text()), folder))
         return sorted(found, key=lambda g: g[0])
 
-    def _visible(self, before_round: int) -> list[tuple[int, dict, Path]]:
-        """Generations a device may build on before ``before_round`` of this run:
-        those of earlier runs and of this run's earlier rounds."""
-        return [g for g in self._generations()
-                if g[1]["run"] != self.run or g[1]["round"] < before_round]
-
-    def _latest(self, before_round: int) -> Path | None:
-        visible = self._visible(before_round)
-        return visible[-1][2] if visible else None
+    def _before(self, generations: list, before_round: int) -> Path | None:
+        """The newest generation the personal weights of ``before_round`` of this
+        run build on: of an earlier run, or of this run's earlier rounds."""
+        visible = [folder for _, stamp, folder in generations
+                   if stamp["run"] != self.run or stamp["round"] < before_round]
+        return visible[-1] if visible else None
 
     def personal(self, before_round: int) -> dict[str, torch.Tensor] | None:
-        folder = self._latest(before_round)
+        """Personal weights as they were before ``before_round`` of this run."""
+        folder = self._before(self._generations(), before_round)
         path = folder / PERSONAL_FILE if folder else None
         if path is None or not path.is_file():
             return None
         return torch.load(path, map_location="cpu", weights_only=True)
 
-    def ledger(self, before_round: int) -> dict | None:
-        folder = self._latest(before_round)
-        return json.loads((folder / LEDGER_FILE).read_text()) if folder else None
+    def ledger(self) -> dict | None:
+        """The newest ledger, whatever round or run wrote it: it is never rolled
+        back (module docstring)."""
+        generations = self._generations()
+        return json.loads((generations[-1][2] / LEDGER_FILE).read_text()) if generations else None
+
+    def newest_round(self) -> int | None:
+        """The round stamped on this run's newest generation (None before its first)."""
+        own = [stamp["round"] for _, stamp, _ in self._generations() if stamp["run"] == self.run]
+        return int(own[-1]) if own else None
 
     def save(self, server_round: int, personal: dict[str, torch.Tensor], ledger: dict) -> Path:
         """Write the state after ``server_round`` as a new generation, then drop
-        generations that a repeated round superseded, and all but the newest few."""
+        every generation except it and the one its personal weights built on.
+
+        ``ledger`` must extend the newest one on disk (it was loaded from it):
+        one with fewer participations would forget privacy already spent.
+        """
         generations = self._generations()
+        newest = json.loads((generations[-1][2] / LEDGER_FILE).read_text()) if generations else {}
+        if int(ledger.get("participations", 0)) < int(newest.get("participations", 0)):
+            raise RuntimeError(
+                f"refusing to save a ledger with {ledger.get('participations', 0)} "
+                f"participations over one with {newest['participations']} in "
+                f"{generations[-1][2]}: privacy already spent would be forgotten")
         sequence = generations[-1][0] + 1 if generations else 1
         final = self.root / f"{GENERATION_PREFIX}{sequence:06d}"
         tmp = self.root / f".{final.name}.tmp"
@@ -89,13 +121,13 @@ class DeviceStore:
         (tmp / LEDGER_FILE).write_text(json.dumps(ledger))
         (tmp / STAMP_FILE).write_text(json.dumps({"run": self.run, "round": server_round}))
         tmp.rename(final)
-        # Keep the generation this one was built on; drop older ones and those of
-        # this run's rounds >= server_round (an abandoned attempt, now superseded).
-        earlier = [folder for _, stamp, folder in generations
-                   if stamp["run"] != self.run or stamp["round"] < server_round]
-        kept = set(earlier[-(KEEP_GENERATIONS - 1):])
+        # Kept: the new generation (the newest ledger, which holds every earlier
+        # one's events, and the personal weights after this round) and the one a
+        # repeat of this round builds its personal weights on. Older generations
+        # and superseded attempts of this round hold nothing else that is needed.
+        base = self._before(generations, server_round)
         for _, _, folder in generations:
-            if folder not in kept:
+            if folder != base:
                 shutil.rmtree(folder, ignore_errors=True)
         return final
 
@@ -133,8 +165,9 @@ def load_personal(store: DeviceStore, before_round: int, model: nn.Module, task:
     return own is not None
 
 
-def load_ledger(store: DeviceStore, before_round: int, accountant: str) -> PhotoLedger:
-    config = store.ledger(before_round)
+def load_ledger(store: DeviceStore, accountant: str) -> PhotoLedger:
+    """The device's newest ledger (never one of an earlier round: module docstring)."""
+    config = store.ledger()
     return PhotoLedger.from_config(config) if config else PhotoLedger(accountant=accountant)
 
 

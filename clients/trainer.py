@@ -21,6 +21,12 @@ in forward passes whose outputs feed the clipped gradients.
 Plain SGD rather than Adam: Adam divides each coordinate by its running RMS,
 which blows DP noise on low-signal coordinates up to full-size steps and erodes
 a pretrained model (measured while planning fedface; see docs/privacy.md).
+
+Where the randomness comes from (``dp_generator``) is the other half of the
+guarantee: noise that the server can rebuild protects nothing against it. One
+generator drives both the Gaussian noise and the Poisson sampling masks;
+``privacy.noise`` decides whether it is seeded from public values (a
+reproducible simulation) or from the operating system (``fl.privacy.noise``).
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fl.privacy.ledger import PhotoLedger
+from fl.privacy import noise
+from fl.privacy.ledger import PhotoLedger, events_of
 from fl.protocol import Recipe
 from fl.tasks.base import Task
 
@@ -77,19 +84,43 @@ def set_trainable(task: Task, model: nn.Module) -> tuple[list, list]:
     return personal, shared
 
 
+def dp_generator(recipe: Recipe, server_round: int = 0, device: int = 0) -> torch.Generator:
+    """The one generator of a device's training run: its DP noise, its Poisson
+    sampling masks (Opacus' DP loader reuses the loader's generator) and, without
+    photo-level DP, its shuffling.
+
+    ``secure``: seeded from the operating system (``fl.privacy.noise``); nothing
+    public (the recipe's seed, the round, the device) enters it and nothing of it
+    is stored or sent, so neither the server nor anyone reading MLflow can
+    rebuild the noise. torch's global generator is left alone.
+    ``seeded``: seeded from ``hash((recipe.seed, server_round, device))``, and
+    torch's global generator with it, exactly as fedface always has, so a
+    simulation stays reproducible to the last digit (and comparable with
+    earlier results). Its noise is public to whoever knows the seed.
+    """
+    if noise.check_mode(recipe.noise) == noise.SECURE:
+        return noise.generator(noise.SECURE)
+    seed = hash((recipe.seed, server_round, device)) % 2**31
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
 def train_on_device(task: Task, model: nn.Module, tensors: tuple[torch.Tensor, ...],
-                    recipe: Recipe, ledger: PhotoLedger) -> Outcome:
+                    recipe: Recipe, ledger: PhotoLedger,
+                    generator: torch.Generator | None = None) -> Outcome:
     """Fine-tune ``model`` in place on ``tensors`` (``task.training_tensors``: one
     row per photo); record DP steps in ``ledger``.
 
+    ``generator`` is the run's randomness (``dp_generator``; by default that of
+    round 0 of device 0: direct callers such as tests and benchmarks).
     Under photo-level DP the device first computes the epsilon it *would* reach
     after this round; if that passes its budget it does not train at all, so a
     device never exceeds its budget however often it is sampled.
     """
     if len(tensors[0]) == 0:
         return Outcome(NO_PHOTOS, epsilon=ledger.epsilon(recipe.delta))
-    generator = torch.Generator().manual_seed(recipe.seed)
-    torch.manual_seed(recipe.seed)
+    if generator is None:
+        generator = dp_generator(recipe)
     personal, shared = set_trainable(task, model)
     groups = [{"params": personal, "lr": personal_lr(recipe, ledger.participations)}]
     if shared:
@@ -105,47 +136,68 @@ def train_on_device(task: Task, model: nn.Module, tensors: tuple[torch.Tensor, .
         ledger.participations += 1  # no DP events: the ledger only counts rounds
         return Outcome(TRAINED, steps=steps, loss=loss)
 
-    with warnings.catch_warnings():
-        # Opacus warns that secure_mode is off; the simulation does not need a
-        # CSPRNG, and a deployment can turn it on (documented in docs/privacy.md).
-        warnings.simplefilter("ignore")
-        engine = PrivacyEngine(accountant=ledger.accountant)
-        engine.accountant.history = list(ledger.events)
-        dp_model, dp_optimizer, dp_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=recipe.noise_multiplier, max_grad_norm=recipe.max_grad_norm,
-            poisson_sampling=True, noise_generator=generator,
-        )
-    sample_rate = 1.0 / len(loader)  # exactly the rate Opacus hands its accountant
-    steps = max(1, round(recipe.local_epochs * len(loader)))
+    engine, dp_model, dp_optimizer, dp_loader = _make_private(model, optimizer, loader,
+                                                             recipe, ledger, generator)
+    # Opacus hands its accountant 1 / len(dp_loader), and len(dp_loader) is
+    # int(1 / (1 / len(loader))), one less than len(loader) for some photo counts
+    # (93 -> 92: 737..744 photos at batch 8; never below 737 at batch 8). The budget
+    # is checked for exactly that rate and the step count taken from the same length.
+    sample_rate = 1.0 / len(dp_loader)
+    steps = max(1, round(recipe.local_epochs * len(dp_loader)))
+    planned = (recipe.noise_multiplier, sample_rate, steps)
     try:
-        if not ledger.admits(recipe.noise_multiplier, sample_rate, steps, recipe.delta,
-                             recipe.budget_epsilon):
+        if not ledger.admits(*planned, recipe.delta, recipe.budget_epsilon):
             return Outcome(BUDGET_EXHAUSTED, epsilon=ledger.epsilon(recipe.delta),
                            sample_rate=sample_rate)
         loss = _run_steps(task, dp_model, dp_optimizer, dp_loader, steps)
     finally:
         dp_model._close()  # remove Opacus' hooks: the plain model stays reusable
-    ledger.record(engine.accountant.history)
+    ledger.record(events_of(engine.accountant), planned)  # refuses any other rate
     return Outcome(TRAINED, steps=steps, loss=loss, epsilon=ledger.epsilon(recipe.delta),
                    sample_rate=sample_rate)
+
+
+def _make_private(model: nn.Module, optimizer, loader: DataLoader, recipe: Recipe,
+                  ledger: PhotoLedger, generator: torch.Generator):
+    """Opacus' DP-SGD around ``model``, its accountant loaded with the ledger.
+
+    ``generator`` is both the noise generator and (through ``loader``) the Poisson
+    sampler's. Under ``privacy.noise=secure`` the DP optimizer also draws noise
+    in Opacus' secure mode (robust to floating-point attacks); the engine itself
+    cannot be made secure here (it needs ``torchcsprng``; ``fl.privacy.noise``).
+    """
+    with warnings.catch_warnings():
+        # Only this warning is silenced: fedface's secure mode replaces Opacus'
+        # (fl.privacy.noise), and under "seeded" the caveat is reported per run.
+        # Every other Opacus warning inside make_private is a DP problem to see.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=ledger.accountant)
+        engine.accountant.load_state_dict(ledger.state_dict())
+        dp_model, dp_optimizer, dp_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=recipe.noise_multiplier, max_grad_norm=recipe.max_grad_norm,
+            poisson_sampling=True, noise_generator=generator,
+        )
+    dp_optimizer.secure_mode = recipe.noise == noise.SECURE
+    return engine, dp_model, dp_optimizer, dp_loader
 
 
 def _run_steps(task: Task, model: nn.Module, optimizer, loader, steps: int) -> float:
     """Exactly ``steps`` optimizer steps, cycling the loader; mean non-empty loss."""
     losses, done = [], 0
-    # With a frozen encoder no module *input* requires grad, so torch warns that
-    # Opacus' full backward hooks fire on outputs only; that is what we want.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    while done < steps:
-        for batch in loader:
-            optimizer.zero_grad(set_to_none=True)
-            loss = task.device_loss(model, *batch)
-            loss.backward()
-            optimizer.step()  # empty Poisson batches still take a noised, accounted step
-            if len(batch[0]):
-                losses.append(loss.item())
-            done += 1
-            if done == steps:
-                break
+    with warnings.catch_warnings():
+        # With a frozen encoder no module *input* requires grad, so torch warns that
+        # Opacus' full backward hooks fire on outputs only; that is what we want.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        while done < steps:
+            for batch in loader:
+                optimizer.zero_grad(set_to_none=True)
+                loss = task.device_loss(model, *batch)
+                loss.backward()
+                optimizer.step()  # empty Poisson batches still take a noised, accounted step
+                if len(batch[0]):
+                    losses.append(loss.item())
+                done += 1
+                if done == steps:
+                    break
     return float(sum(losses) / len(losses)) if losses else float("nan")

@@ -7,6 +7,11 @@ Flower's own Opacus example does). The ledger is the accountant's *history* --
 ``(noise_multiplier, sample_rate, steps)`` events -- persisted in the device's
 state; the epsilon after the k-th participation is computed from all k
 participations' events, exactly as one accountant fed all their steps would.
+
+The ledger enters and leaves Opacus only through an accountant's public
+``state_dict()`` / ``load_state_dict()`` (``accountant_state``, ``events_of``),
+which also checks that the ledger is loaded into the accountant it was kept by.
+Its on-disk form (``to_config``: flat lists) is unchanged by that.
 """
 
 from __future__ import annotations
@@ -31,6 +36,14 @@ def _merge(events: list[Event], new: Event) -> list[Event]:
     return out
 
 
+def _normal(events: list[Event]) -> list[Event]:
+    """``events`` with equal consecutive mechanisms merged (Opacus' normal form)."""
+    out: list[Event] = []
+    for event in events:
+        out = _merge(out, event)
+    return out
+
+
 def epsilon_of(events: list[Event], delta: float, accountant: str = "rdp") -> float:
     """Epsilon at ``delta`` of the composition of ``events`` (0 when empty)."""
     if accountant not in ACCOUNTANTS:
@@ -47,8 +60,19 @@ def _epsilon(events: tuple[Event, ...], delta: float, accountant: str) -> float:
     times per round (budget check, after training, in its reply), and each
     accountant call costs ~0.1-0.5 s."""
     acc = create_accountant(accountant)
-    acc.history = list(events)
+    acc.load_state_dict(accountant_state(events, accountant))
     return float(acc.get_epsilon(delta=delta))
+
+
+def accountant_state(events: list[Event] | tuple[Event, ...], accountant: str) -> dict:
+    """``events`` as an Opacus accountant ``state_dict`` (for ``load_state_dict``)."""
+    return {"history": [(float(s), float(q), int(n)) for s, q, n in events],
+            "mechanism": accountant}
+
+
+def events_of(acc) -> list[Event]:
+    """An Opacus accountant's events, read through its public ``state_dict``."""
+    return [(float(s), float(q), int(n)) for s, q, n in acc.state_dict()["history"]]
 
 
 @dataclass
@@ -74,21 +98,32 @@ class PhotoLedger:
         return budget <= 0 or self.epsilon_after(noise_multiplier, sample_rate, steps,
                                                  delta) <= budget
 
-    def record(self, history: list[Event]) -> None:
-        """Replace the events with an accountant history that extends them.
+    def state_dict(self) -> dict:
+        """The events as an Opacus accountant ``state_dict`` (its ``load_state_dict``
+        refuses a ledger kept by another accountant)."""
+        return accountant_state(self.events, self.accountant)
 
-        The trainer seeds its Opacus accountant with ``self.events`` and hands
-        back the history after training; a history that does not start with the
-        ledger's events would mean privacy spent was forgotten, so it is refused.
+    def record(self, history: list[Event], planned: Event) -> None:
+        """Replace the events with the accountant's history after one participation.
+
+        The trainer loads ``self.events`` into its Opacus accountant, checks the
+        budget for ``planned`` (noise multiplier, sample rate, steps), trains, and
+        hands back the accountant's history. That history must be exactly the
+        events plus ``planned``: fewer steps would forget privacy spent, and any
+        other rate or step count means the budget was checked for a mechanism
+        that did not run (a budget check on a different rate is no check).
         """
         history = [(float(s), float(q), int(n)) for s, q, n in history]
-        steps_before = sum(n for *_, n in self.events)
-        steps_after = sum(n for *_, n in history)
-        if steps_after < steps_before:
+        if sum(n for *_, n in history) < self.steps:
             raise RuntimeError(
-                f"accountant history has {steps_after} steps, fewer than the "
-                f"{steps_before} already in the ledger: privacy spent would be lost"
-            )
+                f"accountant history has {sum(n for *_, n in history)} steps, fewer than "
+                f"the {self.steps} already in the ledger: privacy spent would be lost")
+        expected = _merge(self.events, planned)
+        if _normal(history) != _normal(expected):
+            raise RuntimeError(
+                f"the accountant recorded {history}, but the budget was checked for "
+                f"{expected} (noise multiplier, sample rate, steps): the privacy spent is "
+                "not the privacy checked")
         self.events = history
         self.participations += 1
 

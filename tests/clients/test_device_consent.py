@@ -42,7 +42,7 @@ def _round(context, recipe, task):
         return view, None
     model = task.build_model(SPEC.image_size)
     store, rnd = device_store(context, recipe, 1), next(ROUNDS)
-    ledger = load_ledger(store, rnd, recipe.accountant)
+    ledger = load_ledger(store, recipe.accountant)
     outcome = train_on_device(task, model, task.training_tensors(view.data), recipe, ledger)
     save_state(store, rnd, model, task, ledger)
     return view, outcome
@@ -103,7 +103,7 @@ def test_delete_my_data_erases_personal_state_and_photos_but_keeps_the_ledger(tm
         consent.MANIFEST, LEDGER_FILE, "stamp.json"}
     # ...but the ledger is intact: what was released stays accounted
     assert [p.read_text() for p in _stored(folder, LEDGER_FILE)] == ledgers_before
-    assert load_ledger(device_store(context, recipe, 1), 99, "rdp").participations == 2
+    assert load_ledger(device_store(context, recipe, 1), "rdp").participations == 2
     assert consent.read_manifest(folder).deleted is not None
     # and it stays out in later rounds
     view, _ = _round(context, replace(recipe, seed=1), task)

@@ -53,7 +53,7 @@ def test_state_survives_a_supernode_restart_and_deletion_keeps_the_ledger(tmp_pa
         store = device_store(context, recipe, 2)
         model = task.build_model(32)
         load_personal(store, rnd, model, task, task.personal_state(model))
-        ledger = load_ledger(store, rnd, "rdp")
+        ledger = load_ledger(store, "rdp")
         outcome = train_on_device(task, model, task.training_tensors(view.data), recipe, ledger)
         save_state(store, rnd, model, task, ledger)
         return view, outcome, task.personal_state(model)
@@ -67,15 +67,15 @@ def test_state_survives_a_supernode_restart_and_deletion_keeps_the_ledger(tmp_pa
     model = task.build_model(32)
     assert load_personal(restarted, 2, model, task, task.personal_state(task.build_model(32)))
     assert all(torch.equal(task.personal_state(model)[k], v) for k, v in personal.items())
-    assert load_ledger(restarted, 2, "rdp").participations == 1
+    assert load_ledger(restarted, "rdp").participations == 1
     one_round(_supernode(data_dir, state_dir), 2)
-    assert load_ledger(restarted, 3, "rdp").participations == 2
+    assert load_ledger(restarted, "rdp").participations == 2
 
     consent.write_manifest(data_dir, consent.Manifest(delete_my_data=True))
     view = open_device(_supernode(data_dir, state_dir), SPEC, recipe, task)
     assert view.report[P.DELETED] == 1
     assert not _files(state_dir, PERSONAL_FILE) and _files(state_dir, LEDGER_FILE)
-    assert load_ledger(restarted, 3, "rdp").participations == 2
+    assert load_ledger(restarted, "rdp").participations == 2
 
 
 def _ledger(participations: int) -> dict:
@@ -83,21 +83,37 @@ def _ledger(participations: int) -> dict:
                        participations=participations).to_config()
 
 
-def test_a_repeated_round_starts_from_the_state_before_it(tmp_path):
-    """A resumed server sends round 3 again: the device builds on round 2's state,
-    so the abandoned attempt's privacy spend is not counted twice."""
+def _weights(value: float) -> dict[str, torch.Tensor]:
+    return {"personal.embedding.weight": torch.full((1, 4), value)}
+
+
+def test_a_repeated_round_builds_on_the_weights_before_it_and_the_newest_ledger(tmp_path):
+    """A resumed server sends round 3 again: the personal weights start from round
+    2's, but the ledger is the newest (the first attempt's update left the device,
+    so the redo is a fourth participation, not a third one again)."""
     store = DeviceStore(tmp_path, run="run-a")
-    weights = {"personal.embedding.weight": torch.zeros(1, 4)}
     for rnd in (1, 2, 3):
-        store.save(rnd, weights, _ledger(rnd))
-    assert store.ledger(before_round=3)["participations"] == 2  # the redo of round 3
-    store.save(3, weights, _ledger(3))
-    assert store.ledger(before_round=4)["participations"] == 3
-    assert store.ledger(before_round=3)["participations"] == 2
-    assert len(list(tmp_path.glob("gen-*"))) == 2  # superseded and old ones are gone
-    # Another run on the same state directory (a real device) continues the ledger.
-    assert DeviceStore(tmp_path, run="run-b").ledger(before_round=1)["participations"] == 3
-    assert DeviceStore(tmp_path / "fresh", run="run-a").ledger(before_round=1) is None
+        store.save(rnd, _weights(rnd), _ledger(rnd))
+    assert store.newest_round() == 3
+    assert torch.equal(store.personal(before_round=3)["personal.embedding.weight"],
+                       _weights(2)["personal.embedding.weight"])
+    assert store.ledger()["participations"] == 3  # never the ledger before round 3
+    store.save(3, _weights(3.5), _ledger(4))  # the redo of round 3
+    assert store.ledger()["participations"] == 4 and store.newest_round() == 3
+    assert torch.equal(store.personal(before_round=4)["personal.embedding.weight"],
+                       _weights(3.5)["personal.embedding.weight"])
+    assert torch.equal(store.personal(before_round=3)["personal.embedding.weight"],
+                       _weights(2)["personal.embedding.weight"])
+    assert len(list(tmp_path.glob("gen-*"))) == 2  # the redo and the round it built on
+    with pytest.raises(RuntimeError, match="would be forgotten"):
+        store.save(4, _weights(4), _ledger(3))  # a ledger that lost a participation
+    # Another run on the same state directory (a real device) continues the ledger
+    # and the personal weights; it has no round of its own yet.
+    other = DeviceStore(tmp_path, run="run-b")
+    assert other.ledger()["participations"] == 4 and other.newest_round() is None
+    assert torch.equal(other.personal(before_round=1)["personal.embedding.weight"],
+                       _weights(3.5)["personal.embedding.weight"])
+    assert DeviceStore(tmp_path / "fresh", run="run-a").ledger() is None
 
 
 def test_a_supernode_without_data_dir_says_how_to_start_it(tmp_path):

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from clients.trainer import BUDGET_EXHAUSTED, TRAINED, personal_lr, train_on_device
+from clients.trainer import BUDGET_EXHAUSTED, TRAINED, dp_generator, personal_lr, train_on_device
 from fl.data.device_data import load_device_data
 from fl.data.fleet import FleetSpec
 from fl.privacy.ledger import PhotoLedger, epsilon_of
@@ -101,3 +101,164 @@ def test_participations_are_counted_without_dp_too(setup):
     ledger = PhotoLedger()
     train_on_device(task, model, photos, dataclasses.replace(recipe, photo_dp=False), ledger)
     assert ledger.participations == 1 and ledger.events == []
+
+
+# --- where the noise comes from (privacy.noise) --------------------------------------
+
+def _shared_update(task, start, photos, recipe):
+    """Device-trained shared weights after one DP-SGD run from ``start``, as the
+    ClientApp runs it in round 3 on device 1."""
+    model = task.build_model(32)
+    model.load_state_dict(start)
+    outcome = train_on_device(task, model, photos, recipe, PhotoLedger(),
+                              dp_generator(recipe, server_round=3, device=1))
+    assert outcome.status == TRAINED
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if task.is_device_trained(n)}, outcome
+
+
+def test_secure_noise_differs_by_the_noise_scale_and_seeded_noise_repeats(setup):
+    """Same recipe, seed, round, device, photos and starting weights.
+
+    Each step adds N(0, (sigma * C)^2) to the summed clipped gradients and divides by
+    the expected batch B, so SGD moves every device-trained weight by noise of
+    standard deviation lr * sigma * C / B per step, sqrt(T) * that over T steps, and
+    two independent runs differ by sqrt(2) times that. The clipped gradients
+    themselves (norm <= C over ~28k weights) add far less per weight.
+    """
+    task, model, photos, recipe = setup
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    seeded = dataclasses.replace(recipe, noise="seeded")
+    a, _ = _shared_update(task, start, photos, seeded)
+    b, _ = _shared_update(task, start, photos, seeded)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # reproducible to the last bit
+
+    secure = dataclasses.replace(recipe, noise="secure", seed=seeded.seed)
+    torch.manual_seed(1234)
+    c, outcome = _shared_update(task, start, photos, secure)
+    d, _ = _shared_update(task, start, photos, secure)
+    diff = torch.cat([(c[k] - d[k]).flatten() for k in c])
+    batch = len(photos[0]) * outcome.sample_rate  # Opacus' expected batch size: 4
+    expected = (2 * outcome.steps) ** 0.5 * recipe.lr_shared * recipe.noise_multiplier \
+        * recipe.max_grad_norm / batch
+    observed = diff.pow(2).mean().sqrt().item()
+    assert 0.9 < observed / expected < 1.1, (observed, expected)  # measured: 0.99-1.01
+    assert torch.initial_seed() == 1234  # secure runs leave torch's global seed alone
+
+
+def test_secure_noise_drives_noise_and_poisson_masks_with_one_os_seeded_generator(
+        setup, monkeypatch):
+    """Under secure the DP optimizer draws noise in Opacus' secure mode, and the
+    Poisson sampler uses the same generator (not one seeded from public values)."""
+    from opacus import PrivacyEngine
+
+    made, original = [], PrivacyEngine.make_private
+
+    def spy(self, **kwargs):
+        out = original(self, **kwargs)
+        made.append(out)
+        return out
+
+    monkeypatch.setattr(PrivacyEngine, "make_private", spy)
+    task, _, photos, recipe = setup
+    for mode in ("secure", "seeded"):
+        train_on_device(task, task.build_model(32), photos,
+                        dataclasses.replace(recipe, noise=mode), PhotoLedger())
+    (_, secure_opt, secure_loader), (_, seeded_opt, seeded_loader) = made
+    assert secure_opt.secure_mode and not seeded_opt.secure_mode
+    assert secure_loader.batch_sampler.generator is secure_opt.generator is not None
+    assert seeded_loader.batch_sampler.generator is seeded_opt.generator
+
+
+# --- the sample rate the budget is checked for ---------------------------------------
+
+N_PHOTOS = 744  # at batch 8: len(loader) = 93, but Opacus' DP loader has int(1/(1/93)) = 92
+
+
+@pytest.fixture()
+def many_photos():
+    task = get_task({"name": "swap", "width": 8})
+    photos = (torch.rand(N_PHOTOS, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
+    recipe = Recipe(local_epochs=2 / 92, batch_size=8, noise_multiplier=1.0,
+                    max_grad_norm=1.0, delta=1e-5)  # two steps
+    return task, photos, recipe
+
+
+def test_the_budget_is_checked_for_the_rate_opacus_records(many_photos):
+    task, photos, recipe = many_photos
+    ledger = PhotoLedger()
+    outcome = train_on_device(task, task.build_model(32), photos, recipe, ledger)
+    assert outcome.status == TRAINED
+    assert ledger.events == [(1.0, outcome.sample_rate, outcome.steps)]
+    assert outcome.sample_rate == 1 / 92 and outcome.steps == 2
+
+
+def test_a_device_at_744_photos_does_not_end_past_its_budget(many_photos):
+    """A budget between the epsilon at rate 1/93 (what fedface used to check) and at
+    1/92 (what Opacus records): one participation would pass it, so none is run."""
+    task, photos, recipe = many_photos
+    at_93, at_92 = (epsilon_of([(1.0, q, 2)], recipe.delta) for q in (1 / 93, 1 / 92))
+    assert at_93 < at_92
+    budget = dataclasses.replace(recipe, budget_epsilon=(at_93 + at_92) / 2)
+    ledger = PhotoLedger()
+    outcome = train_on_device(task, task.build_model(32), photos, budget, ledger)
+    assert outcome.status == BUDGET_EXHAUSTED and ledger.events == []
+    assert ledger.epsilon(recipe.delta) <= budget.budget_epsilon
+
+
+def test_a_history_on_another_rate_than_checked_is_refused():
+    ledger = PhotoLedger(events=[(1.0, 0.25, 8)], participations=1)
+    with pytest.raises(RuntimeError, match="not the privacy checked"):
+        ledger.record([(1.0, 0.25, 8), (1.0, 1 / 92, 2)], planned=(1.0, 1 / 93, 2))
+    assert ledger.participations == 1
+
+
+# --- Opacus' public accountant state, and its warnings -------------------------------
+
+def test_the_ledger_enters_opacus_through_the_accountants_public_state(setup, monkeypatch):
+    from opacus.accountants.accountant import IAccountant
+
+    loaded, original = [], IAccountant.load_state_dict
+
+    def spy(self, state_dict):
+        loaded.append((self.mechanism(), list(state_dict["history"])))
+        return original(self, state_dict)
+
+    monkeypatch.setattr(IAccountant, "load_state_dict", spy)
+    task, model, photos, recipe = setup
+    ledger = PhotoLedger()
+    for _ in range(2):
+        train_on_device(task, model, photos, recipe, ledger)
+    assert ("rdp", []) in loaded and ("rdp", [(1.0, 1 / 3, 3)]) in loaded  # the trainer
+    loaded.clear()
+    epsilon_of([(1.0, 0.2, 7)], 1e-3)  # a value not memoised yet
+    assert loaded == [("rdp", [(1.0, 0.2, 7)])]
+    # A ledger kept by one accountant is refused by another (Opacus checks it).
+    from opacus.accountants import RDPAccountant
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        RDPAccountant().load_state_dict(PhotoLedger(accountant="prv").state_dict())
+
+
+def test_opacus_dp_warnings_inside_make_private_still_surface(setup, monkeypatch):
+    """Only "Secure RNG turned off" is silenced (fedface has its own secure mode),
+    and training leaves the process' warning filters as they were."""
+    import warnings
+
+    from opacus import PrivacyEngine
+
+    original = PrivacyEngine._prepare_data_loader
+
+    def warn_then_prepare(self, *args, **kwargs):
+        warnings.warn("PrivacyEngine detected new dataset object", UserWarning)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PrivacyEngine, "_prepare_data_loader", warn_then_prepare)
+    task, model, photos, recipe = setup
+    filters = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_on_device(task, model, photos, recipe, PhotoLedger())
+    messages = [str(w.message) for w in caught]
+    assert any("detected new dataset object" in m for m in messages)
+    assert not any("Secure RNG turned off" in m for m in messages)
+    assert warnings.filters == filters

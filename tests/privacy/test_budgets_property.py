@@ -20,7 +20,7 @@ def test_a_device_ledger_never_passes_its_budget(schedule, budget, accountant):
     for noise, rate, steps in schedule:
         if ledger.admits(noise, rate, steps, delta, budget):
             events = ledger.events + [(noise, rate, steps)]
-            ledger.record(events)
+            ledger.record(events, planned=(noise, rate, steps))
         assert ledger.epsilon(delta) <= budget + 1e-9
 
 

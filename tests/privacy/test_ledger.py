@@ -4,7 +4,7 @@ import dp_accounting as dpa
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fl.privacy.ledger import PhotoLedger, epsilon_of
+from fl.privacy.ledger import PhotoLedger, epsilon_of, events_of
 
 DELTA = 1e-5
 
@@ -39,10 +39,10 @@ def test_ledger_after_k_participations_equals_one_accountant_fed_all_steps():
     for event in participations:
         # what the trainer does: seed an accountant with the ledger, step, record
         acc = RDPAccountant()
-        acc.history = list(ledger.events)
+        acc.load_state_dict(ledger.state_dict())
         for _ in range(event[2]):
             acc.step(noise_multiplier=event[0], sample_rate=event[1])
-        ledger.record(acc.history)
+        ledger.record(events_of(acc), planned=event)
     single = RDPAccountant()
     for sigma, q, n in participations:
         for _ in range(n):
@@ -56,7 +56,7 @@ def test_ledger_after_k_participations_equals_one_accountant_fed_all_steps():
 def test_ledger_refuses_a_history_that_forgets_steps():
     ledger = PhotoLedger(events=[(1.0, 0.25, 16)], participations=2)
     with pytest.raises(RuntimeError, match="privacy spent would be lost"):
-        ledger.record([(1.0, 0.25, 8)])
+        ledger.record([(1.0, 0.25, 8)], planned=(1.0, 0.25, 8))
 
 
 def test_ledger_round_trips_through_device_state():
