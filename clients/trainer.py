@@ -169,7 +169,9 @@ def _make_private(model: nn.Module, optimizer, loader: DataLoader, recipe: Recip
     with warnings.catch_warnings():
         # Only this warning is silenced: fedface's secure mode replaces Opacus'
         # (fl.privacy.noise), and under "seeded" the caveat is reported per run.
-        # Every other Opacus warning inside make_private is a DP problem to see.
+        # Every other warning raised inside make_private (a changed dataset, a
+        # module Opacus cannot handle as asked) says something about the DP run
+        # and stays visible.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=ledger.accountant)
         engine.accountant.load_state_dict(ledger.state_dict())
