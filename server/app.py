@@ -107,8 +107,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
     if resume is not None:
         recorder.relog_checkpointed_round(resume.loop)
     strategy = build_strategy(cfg)
-    release = make_release(plan.user, strategy, task.is_device_trained, f.devices_per_round,
-                           f.num_devices, plan.noise, cfg.seed)
+    release = make_release(plan.user, strategy, task.is_device_trained, plan.noise, cfg.seed)
     loop = RoundLoop(grid, strategy, release, task, spec, settings,
                      P.round_config(recipe, C.task_params(cfg), spec),
                      personal_init, recorder, progress)

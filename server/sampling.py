@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMES = ("poisson", "fixed")
+from fl.privacy.user_level import SAMPLING as SCHEMES
 
 
 class CohortSampler:

@@ -36,8 +36,8 @@ class Aggregate:
 
 def dp_fedavg(global_state: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
               keys: list[str], clip: float, noise_multiplier: float, denominator: float,
-              generator: torch.Generator, noise_scale: float = 1.0,
-              noise_mode: str = N.SEEDED) -> Aggregate:
+              generator: torch.Generator, noise_mode: str,
+              noise_scale: float = 1.0) -> Aggregate:
     if clip <= 0 or denominator <= 0:
         raise ValueError("clip and denominator must be positive")
     total = {k: torch.zeros_like(global_state[k], dtype=torch.float64) for k in keys}

@@ -56,7 +56,7 @@ class UserPlan:
 
         A simulated cohort of K adds noise std sigma*C*k/K to the real sum of k
         updates: a noise multiplier of sigma*k/K over the real fleet of N, at the
-        default delta 0.1/N (as ``fl.privacy.release.real_mechanism`` meters it). No
+        default delta 0.1/N (what ``fl.privacy.release`` reports as the real epsilon). No
         budget or target applies to it; they limit the simulation.
         """
         m = self.mechanism

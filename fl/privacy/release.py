@@ -31,12 +31,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import math
 
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from fl import protocol as P
 from fl.privacy import noise as N
 from fl.privacy.dp_fedavg import dp_fedavg
-from fl.privacy.plan import UserPlan, default_delta
-from fl.privacy.user_level import UserMechanism
+from fl.privacy.plan import UserPlan
 from fl.tracking import keys as K
 
 
@@ -46,7 +49,8 @@ class DeviceUpdate:
 
     node: int
     arrays: dict[str, torch.Tensor]
-    message: Any = None  # the Flower reply, for a strategy's ``aggregate_train``
+    weight: float = 1.0  # examples the device claims (a weighted strategy's weight)
+    message: Any = None  # the Flower reply: its metadata addresses the strategy's view
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,12 @@ class Released:
     rejected: dict[int, str] = field(default_factory=dict)  # node -> why not
 
 
-def screen_update(arrays: dict[str, torch.Tensor],
-                  reference: dict[str, torch.Tensor]) -> str:
+def screen_update(arrays: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                  weight: float = 1.0) -> str:
     """Why ``arrays`` cannot be aggregated with weights shaped like ``reference``
     ("" when it can). Reasons are short: they go into the ledger row and log."""
+    if not (math.isfinite(weight) and weight > 0):
+        return f"example count {weight!r} is not a positive finite number"
     missing = sorted(set(reference) - set(arrays))
     extra = sorted(set(arrays) - set(reference))
     if missing or extra:
@@ -84,7 +90,7 @@ def screen(updates: list[DeviceUpdate], reference: dict[str, torch.Tensor]
     """(updates that may be aggregated, {node: reason} for those that may not)."""
     accepted, rejected = [], {}
     for update in updates:
-        reason = screen_update(update.arrays, reference)
+        reason = screen_update(update.arrays, reference, update.weight)
         if reason:
             rejected[update.node] = f"update rejected: {reason}"
         else:
@@ -104,6 +110,9 @@ class Release(ABC):
         """Screen, publish and count round ``rnd``. Never mutates ``shared``."""
         accepted, rejected = screen(updates, shared)
         state, metrics = self._publish(rnd, dict(shared), accepted)
+        if not all(bool(torch.isfinite(v).all()) for v in state.values()
+                   if v.is_floating_point()):
+            raise RuntimeError(f"round {rnd}'s aggregate is not finite; nothing was released")
         self.released += 1
         return Released(state, metrics | self.metrics(), [u.node for u in accepted], rejected)
 
@@ -138,39 +147,34 @@ class PlainRelease(Release):
 
     def _publish(self, rnd, shared, accepted):
         if accepted:
-            aggregated, _ = self.strategy.aggregate_train(rnd, [u.message for u in accepted])
+            aggregated, _ = self.strategy.aggregate_train(rnd, [_screened(u) for u in accepted])
             if aggregated is not None:
                 shared.update(aggregated.to_torch_state_dict())
         return shared, {}
 
 
-def user_epsilons(m: UserMechanism, devices_per_round: int, num_devices: int,
-                  released: int) -> dict[str, float]:
+def _screened(update: DeviceUpdate) -> Message:
+    """The reply as the strategy sees it: only the screened arrays and weight,
+    never records or metrics the device added (Flower's strategies read every
+    record of a reply and refuse replies whose records differ)."""
+    content = RecordDict({P.ARRAYS: ArrayRecord(update.arrays),
+                          P.METRICS: MetricRecord({P.WEIGHT_KEY: float(update.weight)})})
+    return Message(metadata=update.message.metadata, content=content)
+
+
+def user_epsilons(plan: UserPlan, released: int) -> dict[str, float]:
     """User-level epsilon of ``released`` aggregates, as MLflow metrics.
 
     A simulated cohort is reported under its own ``simulated_*`` keys and,
-    separately, the real run's guarantee: the real cohort of k devices got noise
-    std sigma*C*k/K, i.e. a noise multiplier of sigma*k/K over the real fleet.
+    separately, the real run's guarantee (``UserPlan.real_mechanism``).
     """
-    if not m.simulated:
-        return {K.USER_EPS: m.epsilon(released), K.USER_DELTA: m.delta,
-                K.USER_NOISE_MULTIPLIER: m.noise_multiplier}
-    real = real_mechanism(m, devices_per_round, num_devices)
-    return {K.SIM_USER_EPS: m.epsilon(released), K.SIM_USER_DELTA: m.delta,
-            K.SIM_USER_NOISE_MULTIPLIER: m.noise_multiplier,
-            K.USER_EPS: real.epsilon(released), K.USER_DELTA: real.delta,
-            K.USER_NOISE_MULTIPLIER: real.noise_multiplier}
-
-
-def real_mechanism(m: UserMechanism, devices_per_round: int, num_devices: int
-                   ) -> UserMechanism:
-    """The mechanism the real fleet got when noise was sized for a simulated
-    cohort of ``m.cohort``: std sigma*C*k/K over the real N and k."""
-    if not m.simulated:
-        return m
-    return UserMechanism(m.noise_multiplier * devices_per_round / m.cohort, m.clip,
-                         m.sampling, num_devices, devices_per_round,
-                         default_delta(num_devices), m.accountant)
+    m, real = plan.mechanism, plan.real_mechanism
+    out = {K.USER_EPS: real.epsilon(released), K.USER_DELTA: real.delta,
+           K.USER_NOISE_MULTIPLIER: real.noise_multiplier}
+    if m.simulated:
+        out |= {K.SIM_USER_EPS: m.epsilon(released), K.SIM_USER_DELTA: m.delta,
+                K.SIM_USER_NOISE_MULTIPLIER: m.noise_multiplier}
+    return out
 
 
 class DpFedAvgRelease(Release):
@@ -185,12 +189,12 @@ class DpFedAvgRelease(Release):
     """
 
     def __init__(self, plan: UserPlan, is_device_trained: Callable[[str], bool],
-                 devices_per_round: int, num_devices: int, noise_mode: str, seed: int) -> None:
+                 noise_mode: str, seed: int) -> None:
         super().__init__()
-        self.mechanism = plan.mechanism
+        self.plan, self.mechanism = plan, plan.mechanism
         self.budget = float(plan.budget_epsilon or 0.0)
         self.is_device_trained = is_device_trained
-        self.k, self.n = int(devices_per_round), int(num_devices)
+        self.k = int(plan.fleet_cohort)  # the fixed, public divisor
         self.noise_mode, self.seed = N.check_mode(noise_mode), int(seed)
 
     def _publish(self, rnd, shared, accepted):
@@ -204,7 +208,7 @@ class DpFedAvgRelease(Release):
         return aggregate.state, {K.UPDATE_CLIP_FRACTION: aggregate.clip_fraction}
 
     def metrics(self) -> dict[str, float]:
-        return user_epsilons(self.mechanism, self.k, self.n, self.released)
+        return user_epsilons(self.plan, self.released)
 
     def stop_reason(self) -> str:
         """The budget limits the accounted mechanism (the simulated one, in a
@@ -220,10 +224,8 @@ class DpFedAvgRelease(Release):
 
 
 def make_release(user: UserPlan, strategy, is_device_trained: Callable[[str], bool],
-                 devices_per_round: int, num_devices: int, noise_mode: str,
-                 seed: int) -> Release:
+                 noise_mode: str, seed: int) -> Release:
     """The release the privacy plan asks for."""
     if user.enabled:
-        return DpFedAvgRelease(user, is_device_trained, devices_per_round, num_devices,
-                               noise_mode, seed)
+        return DpFedAvgRelease(user, is_device_trained, noise_mode, seed)
     return PlainRelease(strategy)

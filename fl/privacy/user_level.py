@@ -103,16 +103,6 @@ class UserMechanism:
         acc.compose(self.round_event(), rounds)
         return float(acc.get_epsilon(self.delta))
 
-    @property
-    def denominator(self) -> float:
-        """Fixed, public divisor of the noisy sum (k, or the expected k = qN).
-
-        Dividing by the *realised* number of updates would make the output
-        depend on who took part beyond the clipped sum; a fixed divisor keeps the
-        sensitivity of the mean at C / k.
-        """
-        return float(self.cohort)
-
 
 @lru_cache(maxsize=1024)
 def _user_epsilon(mechanism: UserMechanism, rounds: int) -> float:
@@ -123,8 +113,8 @@ def _user_epsilon(mechanism: UserMechanism, rounds: int) -> float:
 
 def calibrate(make: Callable[[float], UserMechanism], target_epsilon: float, rounds: int,
               low: float = 0.05, high: float = 50.0, tolerance: float = 1e-3) -> float:
-    """The smallest noise multiplier (within ``tolerance`` relative) whose epsilon
-    after ``rounds`` releases is at most the target.
+    """The smallest noise multiplier in ``[low, high]`` (to within ``tolerance *
+    low``, absolute) whose epsilon after ``rounds`` releases is at most the target.
 
     ``make(noise)`` builds the round's mechanism; dp-accounting's
     ``calibrate_dp_mechanism`` (Brent's method, with its own guarantee that the
@@ -135,6 +125,8 @@ def calibrate(make: Callable[[float], UserMechanism], target_epsilon: float, rou
         raise ValueError(f"target epsilon {target_epsilon} is out of reach over {rounds} "
                          f"rounds even with noise multiplier {high}; plan fewer rounds or "
                          "raise the target")
+    if make(low).epsilon(rounds) <= target_epsilon:
+        return low  # even the least noise searched meets the target
     reference = make(high)
     return float(mechanism_calibration.calibrate_dp_mechanism(
         make_fresh_accountant=reference.fresh_accountant,

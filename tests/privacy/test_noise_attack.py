@@ -35,8 +35,8 @@ def test_rebuilding_the_noise_recovers_an_update_only_when_seeded(noise, recover
     torch.manual_seed(0)
     previous = {"decoder.a": torch.randn(500), "decoder.b": torch.randn(30, 10)}
     mechanism = UserMechanism(SIGMA, CLIP, "poisson", 100, K_COHORT, 1e-3)
-    release = DpFedAvgRelease(UserPlan(True, mechanism), lambda key: True, K_COHORT, 100,
-                              noise, SEED)
+    plan = UserPlan(True, mechanism, fleet_population=100, fleet_cohort=K_COHORT)
+    release = DpFedAvgRelease(plan, lambda key: True, noise, SEED)
     # One device's update: the secret the adversary wants (norm below the clip).
     secret = {k: 1e-3 * torch.randn_like(v) for k, v in previous.items()}
     update = {k: previous[k] + secret[k] for k in previous}

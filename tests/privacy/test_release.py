@@ -27,9 +27,9 @@ def _mechanism(**kw) -> UserMechanism:
 
 
 def dp_release(noise: str = "seeded", budget: float = 0.0, **kw) -> DpFedAvgRelease:
-    plan = UserPlan(True, _mechanism(**kw), budget_epsilon=budget)
-    return DpFedAvgRelease(plan, lambda k: k.startswith("decoder"), devices_per_round=4,
-                           num_devices=100, noise_mode=noise, seed=0)
+    plan = UserPlan(True, _mechanism(**kw), budget_epsilon=budget, fleet_population=100,
+                    fleet_cohort=4)
+    return DpFedAvgRelease(plan, lambda k: k.startswith("decoder"), noise_mode=noise, seed=0)
 
 
 def plain_release() -> PlainRelease:
@@ -39,9 +39,9 @@ def plain_release() -> PlainRelease:
 RELEASES = {"plain": plain_release, "dp_fedavg": dp_release}
 
 
-def _update(node: int, value: float, **overrides) -> DeviceUpdate:
+def _update(node: int, value: float, weight: float = 5, **overrides) -> DeviceUpdate:
     arrays = {k: torch.full_like(v, value) for k, v in SHARED.items()} | overrides
-    return DeviceUpdate(node, arrays, train_reply(node, arrays))
+    return DeviceUpdate(node, arrays, weight, train_reply(node, arrays))
 
 
 @pytest.fixture(params=sorted(RELEASES))
@@ -76,8 +76,26 @@ def test_an_infinite_update_cannot_pass_the_clip(release):
     ({**SHARED, "personal.identity": torch.zeros(4)}, "unexpected arrays"),
 ])
 def test_a_malformed_update_is_rejected_with_its_reason(release, arrays, reason):
-    out = release.release(1, SHARED, [DeviceUpdate(3, arrays, train_reply(3, arrays))])
+    out = release.release(1, SHARED, [DeviceUpdate(3, arrays, 5, train_reply(3, arrays))])
     assert reason in out.rejected[3] and out.accepted == []
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -1.0, 0.0])
+def test_an_impossible_example_count_is_rejected(release, weight):
+    out = release.release(1, SHARED, [_update(0, 0.1), _update(1, 0.2, weight=weight)])
+    assert "example count" in out.rejected[1] and out.accepted == [0]
+    assert all(bool(torch.isfinite(v).all()) for v in out.state.values())
+
+
+def test_the_strategy_sees_only_the_screened_arrays_and_weight(release):
+    """Extra records and metrics in a reply used to crash Flower's FedAvg
+    (InconsistentMessageReplies) or slip past the screen."""
+    hostile = _update(1, 0.2)
+    hostile.message.content["extra"] = type(hostile.message.content[P.METRICS])({"x": 1.0})
+    hostile.message.content[P.METRICS]["bogus"] = float("nan")
+    out = release.release(1, SHARED, [_update(0, 0.1), hostile])
+    assert out.accepted == [0, 1]
+    assert all(bool(torch.isfinite(v).all()) for v in out.state.values())
 
 
 def test_releasing_counts_once_per_round_and_never_mutates_the_input(release):
@@ -127,8 +145,9 @@ def test_a_simulated_budget_says_it_limits_the_simulated_epsilon():
 @pytest.mark.parametrize("noise", ["seeded", "secure"])
 def test_the_noise_on_the_sum_has_the_accounted_scale(noise):
     shared = {"decoder.w": torch.zeros(100_000)}
-    plan = UserPlan(True, _mechanism(noise_multiplier=2.0, clip=0.5))
-    release = DpFedAvgRelease(plan, lambda k: True, 4, 100, noise, seed=0)
+    plan = UserPlan(True, _mechanism(noise_multiplier=2.0, clip=0.5), fleet_population=100,
+                    fleet_cohort=4)
+    release = DpFedAvgRelease(plan, lambda k: True, noise, seed=0)
     out = release.release(1, shared, [])
     assert (out.state["decoder.w"].double() * 4).std().item() == pytest.approx(1.0, rel=0.02)
     assert math.isfinite(out.metrics[K.USER_EPS])

@@ -67,13 +67,15 @@ def test_calibration_says_when_the_target_is_out_of_reach():
 
 def test_simulated_cohort_is_reported_apart_from_the_real_guarantee():
     from fl.tracking import keys as K
+    from fl.privacy.plan import UserPlan
     from fl.privacy.release import user_epsilons
 
     simulated = _mech(population=1_000_000, cohort=1000, delta=1e-7, simulated=True)
-    out = user_epsilons(simulated, devices_per_round=10, num_devices=100, released=20)
+    out = user_epsilons(UserPlan(True, simulated, fleet_population=100, fleet_cohort=10), 20)
     assert out[K.SIM_USER_EPS] == simulated.epsilon(20)
     # the real run: noise std sigma*C*10/1000 on 10 real devices -> multiplier 0.01
     assert out[K.USER_NOISE_MULTIPLIER] == 1.0 * 10 / 1000
     assert out[K.USER_EPS] > 100 * out[K.SIM_USER_EPS]
-    real_only = user_epsilons(_mech(), 10, 100, 20)
+    real_only = user_epsilons(UserPlan(True, _mech(), fleet_population=1000,
+                                       fleet_cohort=20), 20)
     assert K.SIM_USER_EPS not in real_only

@@ -141,13 +141,3 @@ def test_the_photo_count_is_stated_to_be_public():
                   if "photo count n" in what)
     assert "q = 1/ceil(n/B)" in public and "steps" in public
     assert "## Treated as public" in to_markdown(data)
-
-
-def test_the_reported_real_mechanism_is_the_one_the_release_meters():
-    """The report and params take the real run's mechanism from the plan; the
-    metrics come from the release. Both must describe the same mechanism."""
-    from fl.privacy.release import real_mechanism
-
-    plan = _plan(*SIMULATED, "fleet.sampling=fixed")
-    assert plan.user.real_mechanism == real_mechanism(plan.user.mechanism, 10, 100)
-    assert _plan().user.real_mechanism == _plan().user.mechanism
