@@ -26,12 +26,11 @@ release and never calls ``release`` twice for the same round.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import math
 
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict

@@ -21,8 +21,8 @@ SHARED = {"decoder.w": torch.zeros(64), "encoder.w": torch.zeros(8)}
 
 
 def _mechanism(**kw) -> UserMechanism:
-    base = dict(noise_multiplier=1.0, clip=1.0, sampling="poisson", population=100, cohort=4,
-                delta=1e-3)
+    base = {"noise_multiplier": 1.0, "clip": 1.0, "sampling": "poisson", "population": 100,
+            "cohort": 4, "delta": 1e-3}
     return UserMechanism(**{**base, **kw})
 
 

@@ -66,9 +66,9 @@ def test_calibration_says_when_the_target_is_out_of_reach():
 
 
 def test_simulated_cohort_is_reported_apart_from_the_real_guarantee():
-    from fl.tracking import keys as K
     from fl.privacy.plan import UserPlan
     from fl.privacy.release import user_epsilons
+    from fl.tracking import keys as K
 
     simulated = _mech(population=1_000_000, cohort=1000, delta=1e-7, simulated=True)
     out = user_epsilons(UserPlan(True, simulated, fleet_population=100, fleet_cohort=10), 20)
