@@ -11,6 +11,7 @@ them) and a MetricRecord of scalars. Never personal weights, never images.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -82,3 +83,84 @@ def parse_round_config(config: ConfigRecord) -> tuple[Recipe, dict[str, Any], Fl
     task = json.loads(str(config["task"]))
     fleet = FleetSpec(**json.loads(str(config["fleet"])))
     return Recipe(**values), task, fleet
+
+
+class MalformedReply(ValueError):
+    """A device's reply that the server cannot use; the message is the short reason
+    recorded in the device's ledger row."""
+
+
+def _number(metrics, key: str, *, integer: bool = False, low: float = 0.0,
+            high: float = math.inf) -> float:
+    if key not in metrics:
+        raise MalformedReply(f"missing {key!r}")
+    value = metrics[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MalformedReply(f"{key!r} is not a number")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise MalformedReply(f"{key!r}={value!r} is outside [{low:g}, {high:g}]")
+    if integer and value != int(value):
+        raise MalformedReply(f"{key!r}={value!r} is not a whole number")
+    return int(value) if integer else float(value)
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """A device's reply to a training message, typed and checked: the mirror of
+    ``Recipe``. Input from a device is untrusted, so every field is validated
+    here, in one place, before the server records or aggregates anything; the
+    arrays are checked against the weights sent by ``fl.privacy.release``."""
+
+    node: int
+    trained: bool
+    budget_exhausted: bool
+    participations: int
+    ledger_steps: int
+    sample_rate: float
+    photo_eps: float
+    train_loss: float
+    photos_used: int
+    examples: int
+    consent: dict[str, int]  # PHOTOS_* counts and OPTED_OUT / DELETED / EXCLUDED, as sent
+    reason: str = ""  # why the device did not train, if it did not
+    newer_state_round: int | None = None  # the device holds state of this later round
+    arrays: dict[str, Any] | None = None  # torch tensors, when the device trained
+
+    @classmethod
+    def from_message(cls, reply) -> TrainReport:
+        """Raise ``MalformedReply`` with a short reason for anything unusable."""
+        content = reply.content
+        if METRICS not in content:
+            raise MalformedReply("no metrics record")
+        m = content[METRICS]
+        # Only what the device reported: an absent count keeps its last value.
+        flags = {k: _number(m, k, integer=True, high=1)
+                 for k in (OPTED_OUT, DELETED, EXCLUDED) if k in m}
+        counts = {k: _number(m, k, integer=True)
+                  for k in (PHOTOS_WITHDRAWN, PHOTOS_SKIPPED, PHOTOS_CONVERTED) if k in m}
+        newer = m.get(NEWER_STATE_ROUND)
+        arrays = None
+        if ARRAYS in content:
+            try:
+                arrays = content[ARRAYS].to_torch_state_dict()
+            except Exception as err:  # noqa: BLE001 - any undecodable array is a bad reply
+                raise MalformedReply(f"arrays cannot be decoded ({type(err).__name__})") from None
+        loss = m.get(TRAIN_LOSS, math.nan)
+        reason = ""
+        if STATUS in content and REASON in content[STATUS]:
+            reason = str(content[STATUS][REASON])[:300]
+        return cls(
+            node=int(reply.metadata.src_node_id),
+            trained=bool(_number(m, TRAINED, integer=True, high=1)),
+            budget_exhausted=bool(_number(m, BUDGET_EXHAUSTED, integer=True, high=1)),
+            participations=_number(m, PARTICIPATIONS, integer=True),
+            ledger_steps=_number(m, LEDGER_STEPS, integer=True),
+            sample_rate=_number(m, SAMPLE_RATE, high=1.0),
+            photo_eps=_number(m, PHOTO_EPS),
+            train_loss=float(loss) if isinstance(loss, int | float) else math.nan,
+            photos_used=_number(m, PHOTOS_USED, integer=True),
+            examples=_number(m, WEIGHT_KEY, integer=True),
+            consent=flags | counts, reason=reason,
+            newer_state_round=None if newer is None else _number(m, NEWER_STATE_ROUND,
+                                                                   integer=True),
+            arrays=arrays)

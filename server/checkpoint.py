@@ -5,10 +5,12 @@ Written twice per round, atomically: when the round's aggregate is released
 the round is done (phase ``done``; also after round 0's evaluation). A resume
 from a ``released`` checkpoint re-uses that release instead of drawing a second
 one for the same round. It goes to ``<checkpoint.dir>/<MLflow run id>/last.pt``
-and to the run's MLflow artifact ``checkpoint/last.pt``. It holds only what the server already holds: the shared
-weights (released under DP), the strategy's state, the metric history (which
-carries the fleet accountant's values), the server's view of the device ledgers
-(pseudonymous rows), the round, and the sampling RNG. Devices' personal weights
+and to the run's MLflow artifact ``checkpoint/last.pt``, so whoever reads the run
+reads it. It holds only what the server already holds: the shared weights
+(released under DP), the strategy's state, the metric history (which carries the
+fleet accountant's values), the server's view of the device ledgers (pseudonymous
+rows), the round, and, under ``privacy.noise=seeded`` only, the sampling RNG
+(under ``secure`` the cohorts stay secret: ``server.loop``). Devices' personal weights
 and photo-level ledgers stay on the devices (``clients.device_state``).
 
 Devices are keyed by their pseudonymous index, not by Flower node id: node ids

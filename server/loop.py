@@ -27,11 +27,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl import protocol as P
 from fl.config import ConfigError
 from fl.data.fleet import FleetSpec
 from fl.privacy.noise import SEEDED
@@ -45,9 +44,11 @@ from server.progress import Progress
 from server.records import (
     DeviceRecord,
     fleet_consent,
-    fold_train_replies,
+    fold_evaluate_replies,
+    fold_train_reports,
     mean,
     newer_state,
+    parse_train_replies,
     photo_metrics,
 )
 from server.roll_call import roll_call, wait_for_nodes
@@ -102,8 +103,11 @@ class RoundLoop:
         self.recorder = recorder
         self.progress = progress or Progress(settings.rounds)
         # Under secure noise the cohorts are secret too (sampling amplification
-        # assumes it); the generator state then lives only in the checkpoint.
-        sampling_seed = settings.seed if settings.noise == SEEDED else secrets.randbits(64)
+        # assumes it): the generator is seeded from the OS and its state is never
+        # checkpointed (PCG64 can be stepped backwards to past cohorts); a resume
+        # draws the rounds not yet released from a fresh OS seed.
+        self.secret_sampling = settings.noise != SEEDED
+        sampling_seed = secrets.randbits(64) if self.secret_sampling else settings.seed
         self.sampler = CohortSampler(settings.sampling, settings.devices_per_round,
                                      settings.num_devices, sampling_seed)
         self.transport = Transport(grid, ArrayRecord(personal_init), settings.round_timeout,
@@ -126,13 +130,13 @@ class RoundLoop:
         else:
             panel, exhausted = self._restore(resume, result)
             released_already = resume.round if resume.phase == RELEASED else None
-            first = resume.round if released_already else resume.round + 1
+            first = resume.round + (released_already is None)
         self.progress.begin(first)
 
         for rnd in range(first, self.s.rounds + 1):
             start = time.time()
             if rnd == released_already:  # 6. persisted before the stop: never redrawn
-                metrics, train_seconds = dict(result.history[rnd]), 0.0
+                metrics = dict(result.history[rnd])
             else:
                 eligible = [n for n in fleet
                             if n not in exhausted and not result.devices[n].gone]
@@ -140,15 +144,15 @@ class RoundLoop:
                 if result.stopped:
                     break
                 metrics = self._train_and_release(rnd, fleet, eligible, result, exhausted)
-                train_seconds = time.time() - start
+                metrics[K.ROUND_SECONDS] = time.time() - start  # so far; evaluation adds
                 result.history[rnd] = dict(metrics)
                 self.recorder.released(rnd, self._state(rnd, RELEASED, result, panel, exhausted))
+            evaluated_from = time.time()
             metrics.update(self._evaluate(rnd, result.shared, panel))  # 7.
             if rnd % max(self.s.newuser_every, 1) == 0 or rnd == self.s.rounds:
                 metrics.update(self._newuser(result.shared))
-            metrics[K.ROUND_SECONDS] = time.time() - start
-            if train_seconds:
-                metrics[K.UPDATES_PER_SECOND] = metrics[K.DEVICES_TRAINED] / train_seconds
+            metrics[K.ROUND_SECONDS] = (metrics.get(K.ROUND_SECONDS, 0.0)
+                                        + time.time() - evaluated_from)
             result.history[rnd] = metrics
             self.progress.round_finished()
             self.recorder.round_done(rnd, metrics,  # 8.
@@ -164,6 +168,7 @@ class RoundLoop:
     def _train_and_release(self, rnd: int, fleet: list[int], eligible: list[int],
                            result: LoopResult, exhausted: set[int]) -> dict[str, float]:
         """Steps 2-5: sample, train, record, release. Returns the round's metrics."""
+        start = time.time()
         sampled = self.sampler.cohort(fleet, eligible)  # 2.
         self.progress.round_started(rnd, len(sampled))
         replies = []
@@ -171,35 +176,35 @@ class RoundLoop:
             replies = self.transport.send(self.strategy.configure_train(  # 3.
                 rnd, ArrayRecord(result.shared), ConfigRecord(dict(self.config)),
                 SampledGrid(self.grid, sampled)), "trained")
-        with_update, losses, photos_used = fold_train_replies(  # 4.
-            result.devices, replies, exhausted)
-        self._refuse_stale_checkpoint(rnd, result, replies)
+        reports, failed = parse_train_replies(replies, sampled)  # 4.
+        self._refuse_stale_checkpoint(rnd, result, reports)
         released = self.release.release(rnd, result.shared, [  # 5.
-            DeviceUpdate(r.metadata.src_node_id, r.content[P.ARRAYS].to_torch_state_dict(), r)
-            for r in with_update])
-        for node, reason in released.rejected.items():
-            result.devices[node].status = f"failed: {reason}"
+            DeviceUpdate(node, report.arrays, report.examples, reply)
+            for node, (report, reply) in reports.items() if report.arrays is not None])
+        failed |= {node: f"failed: {why}" for node, why in released.rejected.items()}
+        losses, photos_used = fold_train_reports(result.devices, reports, failed, exhausted)
         result.shared = released.state
-        answered = sum(not r.has_error() for r in replies)
+        train_seconds = time.time() - start
         metrics = {
             K.TRAIN_LOSS: mean(losses),
             K.DEVICES_SAMPLED: float(len(sampled)),
             K.DEVICES_TRAINED: float(len(released.accepted)),
-            # Errors, devices that never answered (timeouts) and rejected updates alike.
-            K.DEVICES_FAILED: float(len(sampled) - answered + len(released.rejected)),
+            # Errors, no reply by the timeout, malformed replies, rejected updates.
+            K.DEVICES_FAILED: float(len(sampled) - len(reports) + len(released.rejected)),
             K.DEVICES_BUDGET_EXHAUSTED: float(len(exhausted)),
             K.CONSENT_PHOTOS_USED: float(photos_used),
+            K.UPDATES_PER_SECOND: len(released.accepted) / max(train_seconds, 1e-9),
         } | fleet_consent(result.devices.values()) | released.metrics
         if self.s.photo.enabled:
             metrics |= photo_metrics(result.devices.values())
             metrics[K.PHOTO_DELTA] = self.s.photo.delta
         return metrics
 
-    def _refuse_stale_checkpoint(self, rnd: int, result: LoopResult,
-                                 replies: list[Message]) -> None:
+    def _refuse_stale_checkpoint(self, rnd: int, result: LoopResult, reports) -> None:
         """A device already trained a later round of this run: this checkpoint is
-        older than the devices' state. Stop before releasing anything."""
-        device, later = newer_state(result.devices, replies)
+        older than the devices' state. Stop before releasing anything. (A hostile
+        device can stop a run this way; stopping is the side that releases nothing.)"""
+        device, later = newer_state(result.devices, reports, rnd, self.s.rounds)
         if device:
             raise StaleCheckpoint(
                 f"{device} already trained round {later} of this run, but the server resumed "
@@ -215,7 +220,8 @@ class RoundLoop:
             round=rnd, phase=phase, shared=result.shared, history=result.history,
             devices={index[node]: asdict(record) for node, record in result.devices.items()},
             exhausted=sorted(index[n] for n in exhausted), panel=[index[n] for n in panel],
-            release=self.release.state_dict(), rng=self.sampler.state(),
+            release=self.release.state_dict(),
+            rng={} if self.secret_sampling else self.sampler.state(),
             strategy=strategy_state(self.strategy))
 
     def _restore(self, state: LoopState, result: LoopResult) -> tuple[list[int], set[int]]:
@@ -230,7 +236,8 @@ class RoundLoop:
         result.history = {int(r): dict(m) for r, m in state.history.items()}
         result.devices = {node_of[d]: DeviceRecord(**fields) for d, fields in state.devices.items()}
         self.release.load_state_dict(state.release)
-        self.sampler.restore(state.rng)
+        if state.rng:
+            self.sampler.restore(state.rng)
         restore_strategy(self.strategy, state.strategy)
         return [node_of[d] for d in state.panel], {node_of[d] for d in state.exhausted}
 
@@ -238,14 +245,9 @@ class RoundLoop:
                   panel: list[int]) -> dict[str, float]:
         if not panel:
             return {}
-        replies = self.transport.send(self.strategy.configure_evaluate(
+        return fold_evaluate_replies(self.transport.send(self.strategy.configure_evaluate(
             rnd, ArrayRecord(shared), ConfigRecord(dict(self.config)),
-            SampledGrid(self.grid, panel)), "evaluated")
-        ok = [r.content[P.METRICS] for r in replies if not r.has_error()]
-        out = {key: mean([float(m[name]) for m in ok if name in m])
-               for name, key in K.QUALITY.items() if any(name in m for m in ok)}
-        out[K.DEVICES_EVALUATED_PERSONALISED] = float(sum(int(m[P.PERSONALISED]) for m in ok))
-        return out
+            SampledGrid(self.grid, panel)), "evaluated"), panel)
 
     def _newuser(self, shared: dict[str, torch.Tensor]) -> dict[str, float]:
         if self.s.newuser_identities <= 0:

@@ -9,6 +9,8 @@ memory and by the device's stable index in the checkpoint.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,11 +54,6 @@ class DeviceRecord:
             self.status = f"not trained: {reason}"
 
 
-def reason_of(reply: Message) -> str:
-    """Why a device took no part, as it said (a short sentence, never photo ids)."""
-    return str(reply.content[P.STATUS][P.REASON]) if P.STATUS in reply.content else ""
-
-
 def fleet_consent(records) -> dict[str, float]:
     """Consent and data metrics over everything devices have reported so far."""
     records = list(records)
@@ -80,43 +77,81 @@ def mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def fold_train_replies(records: dict[int, DeviceRecord], replies: list[Message],
-                       exhausted: set[int]) -> tuple[list[Message], list[float], int]:
-    """Fold a training round's replies into ``records`` (and ``exhausted``).
+def parse_train_replies(replies: list[Message], sampled: Collection[int]
+                        ) -> tuple[dict[int, tuple[P.TrainReport, Message]], dict[int, str]]:
+    """Typed reports of the devices asked this round, and why the others failed.
 
-    Returns (replies carrying an update, training losses, photos used).
-    """
-    updates, losses, photos_used = [], [], 0
+    Errors and malformed replies fail that device only; replies from devices not
+    asked, and second replies, are dropped (input from a device is untrusted)."""
+    reports, failed = {}, {}
+    asked = set(sampled)
     for reply in replies:
         node = reply.metadata.src_node_id
-        if reply.has_error():
-            if node in records:
-                records[node].status = "failed"
+        if node not in asked or node in reports or node in failed:
             continue
-        m = reply.content[P.METRICS]
+        if reply.has_error():
+            failed[node] = "failed"
+            continue
+        try:
+            reports[node] = (P.TrainReport.from_message(reply), reply)
+        except P.MalformedReply as err:
+            failed[node] = f"failed: malformed reply ({err})"
+    return reports, failed
+
+
+def fold_train_reports(records: dict[int, DeviceRecord],
+                       reports: dict[int, tuple[P.TrainReport, Message]],
+                       failed: dict[int, str], exhausted: set[int]) -> tuple[list[float], int]:
+    """Fold a round's reports into ``records`` (and ``exhausted``); ``failed``
+    holds devices that erred, sent a malformed reply, or whose update the release
+    rejected. Returns the training losses and photos used of the updates that
+    counted."""
+    losses, photos_used = [], 0
+    for node, reason in failed.items():
+        records[node].status = reason
+    for node, (report, _) in reports.items():
         record = records[node]
-        record.participations = int(m[P.PARTICIPATIONS])
-        record.steps = int(m[P.LEDGER_STEPS])
-        record.sample_rate = float(m[P.SAMPLE_RATE]) or record.sample_rate
-        record.epsilon = float(m[P.PHOTO_EPS])
+        record.participations, record.steps = report.participations, report.ledger_steps
+        record.sample_rate = report.sample_rate or record.sample_rate
+        record.epsilon = report.photo_eps
         record.status = "trained"
-        record.note(m, reason_of(reply))
-        if int(m[P.BUDGET_EXHAUSTED]):
+        record.note(report.consent, report.reason)
+        if report.budget_exhausted:
             exhausted.add(node)
             record.status = "budget exhausted"
-        if int(m[P.TRAINED]):
-            losses.append(float(m[P.TRAIN_LOSS]))
-            photos_used += int(m[P.PHOTOS_USED])
-        if P.ARRAYS in reply.content:
-            updates.append(reply)
-    return updates, losses, photos_used
+        if node in failed:
+            record.status = failed[node]
+        elif report.trained and report.arrays is not None:
+            if math.isfinite(report.train_loss):
+                losses.append(report.train_loss)
+            photos_used += report.photos_used
+    return losses, photos_used
 
 
-def newer_state(records: dict[int, DeviceRecord], replies: list[Message]) -> tuple[str, int]:
-    """(device, round) of a device that already holds state of a later round of
-    this run than the one it was asked to train, or ("", 0)."""
-    for reply in replies:
-        if not reply.has_error() and P.NEWER_STATE_ROUND in reply.content[P.METRICS]:
-            node = reply.metadata.src_node_id
-            return records[node].device, int(reply.content[P.METRICS][P.NEWER_STATE_ROUND])
+def newer_state(records: dict[int, DeviceRecord],
+                reports: dict[int, tuple[P.TrainReport, Message]], rnd: int,
+                rounds: int) -> tuple[str, int]:
+    """(device, round) of a device that holds state of a later round of this run
+    (one in ``(rnd, rounds]``) than the one it was asked to train, or ("", 0)."""
+    for node, (report, _) in reports.items():
+        later = report.newer_state_round
+        if later is not None and rnd < later <= rounds:
+            return records[node].device, later
     return "", 0
+
+
+def _finite(metrics, name: str) -> bool:
+    value = metrics.get(name)
+    return isinstance(value, int | float) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def fold_evaluate_replies(replies: list[Message], panel: Collection[int]) -> dict[str, float]:
+    """Mean quality over the panel devices that answered with finite values."""
+    asked = set(panel)
+    ok = [r.content[P.METRICS] for r in replies if r.metadata.src_node_id in asked
+          and not r.has_error() and P.METRICS in r.content]
+    out = {key: mean([float(m[name]) for m in ok if _finite(m, name)])
+           for name, key in K.QUALITY.items() if any(_finite(m, name) for m in ok)}
+    out[K.DEVICES_EVALUATED_PERSONALISED] = float(sum(m.get(P.PERSONALISED) == 1 for m in ok))
+    return out

@@ -222,10 +222,10 @@ def _sampling_trust(plan: PrivacyPlan) -> str:
     """Whether the cohorts are secret: the user-level amplification by sampling
     assumes that who took part in a round is unknown to the adversary."""
     if plan.noise == SECURE:
-        return ("Device sampling draws from the operating system's randomness (its generator "
-                "state is kept only in the server's checkpoint, an MLflow artifact: a reader "
-                "of the checkpoint learns the next cohorts). The ledger and per-round counts "
-                "still reveal who took part when (released_by_server_without_dp).")
+        return ("Device sampling draws from the operating system's randomness; its generator "
+                "state is never stored (a resume draws the rounds not yet released from a "
+                "fresh seed). The ledger and per-round counts still reveal who took part "
+                "when (released_by_server_without_dp).")
     return ("Device sampling is seeded from the run's seed (reproducible cohorts, exact "
             "resumes): a party that knows the seed knows who was drawn in each round, and "
             "against it the user-level epsilon's amplification by sampling does not apply.")
