@@ -31,8 +31,10 @@ from clients.device_state import (
     DeviceStore,
     device_store,
     load_ledger,
+    load_ledger_before,
     load_personal,
     save_state,
+    update_digest,
 )
 from clients.trainer import BUDGET_EXHAUSTED as STATUS_EXHAUSTED
 from clients.trainer import TRAINED, Outcome, dp_generator, train_on_device
@@ -150,21 +152,59 @@ def _fine_tune(task: Task, model, view: DeviceView, recipe: P.Recipe, ledger: Ph
 def train(msg: Message, context: Context) -> Message:
     server_round = _server_round(msg)
     recipe, task, fleet, store = _instructions(msg, context)
-    ledger = load_ledger(store, recipe.accountant)  # the newest: never rolled back
+    newest = load_ledger(store, recipe.accountant)  # never rolled back
     reason, extra = _refusal(context, recipe, store, server_round)
     if reason:
-        content = RecordDict({P.METRICS: MetricRecord(_train_metrics(recipe, ledger) | extra),
+        content = RecordDict({P.METRICS: MetricRecord(_train_metrics(recipe, newest) | extra),
                               P.STATUS: ConfigRecord({P.REASON: reason})})
         return Message(content=content, reply_to=msg)
+    # A repeat of a round the server abandoned starts where the first attempt did:
+    # personal weights, step sizes and budget check as of before the round.
+    attempt = store.attempt_digest(server_round)
+    start = load_ledger_before(store, server_round, recipe.accountant) if attempt is not None \
+        else newest
     view, model, _ = _prepare(msg, context, recipe, task, fleet, store, server_round)
-    outcome, used = _fine_tune(task, model, view, recipe, ledger, server_round,
+    outcome, used = _fine_tune(task, model, view, recipe, start, server_round,
                                device_index(context))
-    content = _reply(_train_metrics(recipe, ledger, outcome, used), view)
+    ledger, update, digest = newest, None, ""
     if outcome is not None and outcome.status == TRAINED:
+        update = task.shared_state(model)
+        digest = update_digest(update)
+        ledger = _ledger_after(recipe, start, newest, attempt, digest, outcome)
+        if ledger is None:  # a different repeat would pass the budget: nothing leaves
+            outcome, used, update, ledger = _exhausted(newest, recipe, outcome), 0, None, newest
+    content = _reply(_train_metrics(recipe, ledger, outcome, used), view)
+    if update is not None:
         # Recorded on the device before anything of the update leaves it.
-        save_state(store, server_round, model, task, ledger)
-        content[P.ARRAYS] = ArrayRecord(task.shared_state(model))
+        save_state(store, server_round, model, task, ledger, digest)
+        content[P.ARRAYS] = ArrayRecord(update)
     return Message(content=content, reply_to=msg)
+
+
+def _ledger_after(recipe: P.Recipe, start: PhotoLedger, newest: PhotoLedger,
+                  attempt: str | None, digest: str, outcome: Outcome) -> PhotoLedger | None:
+    """The ledger to record for an update about to leave the device.
+
+    First attempt: ``start`` (the newest ledger) with this run recorded. Repeat of
+    an abandoned attempt: the newest ledger (which already holds the attempt) if
+    the update is bit-identical to the one that left before, since the same value
+    published twice reveals nothing more; otherwise the newest ledger plus this
+    run, or None if that passes the budget.
+    """
+    if attempt is None:
+        return start
+    if digest == attempt:
+        return newest
+    planned = (recipe.noise_multiplier, outcome.sample_rate, outcome.steps) \
+        if recipe.photo_dp else None
+    if recipe.photo_dp and not newest.admits(*planned, recipe.delta, recipe.budget_epsilon):
+        return None
+    return newest.extended(planned)
+
+
+def _exhausted(ledger: PhotoLedger, recipe: P.Recipe, outcome: Outcome) -> Outcome:
+    return Outcome(STATUS_EXHAUSTED, epsilon=ledger.epsilon(recipe.delta),
+                   sample_rate=outcome.sample_rate)
 
 
 @app.query()

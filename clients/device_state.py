@@ -21,10 +21,17 @@ then go different ways:
   repeated round builds on the same state as the first attempt;
 * the **ledger** never goes back: it is always the newest generation's, of any
   round and any run. The first attempt's update has left the device whether or
-  not the server kept it, and a repeated round is not the same release again:
-  the photos may have changed in between (consent, deletion), and under
-  ``privacy.noise=secure`` the noise is fresh anyway. Rolling the ledger back
-  would count two different releases as one.
+  not the server kept it, and a repeated round is in general not the same
+  release again: the photos may have changed in between (consent, deletion),
+  and under ``privacy.noise=secure`` the noise is fresh anyway. Rolling the
+  ledger back would count two different releases as one.
+
+One case is the same release: a seeded replay over unchanged photos reproduces
+the first attempt's update bit for bit, and publishing the same value twice
+reveals nothing new. Each generation's stamp keeps a digest of the update it
+sent (``update_digest``); a replay whose update has the same digest is counted
+once (``clients.app``), which is what makes a resumed seeded run spend exactly
+what an uninterrupted one spends. Any other replay is counted again.
 
 Every save writes a new generation whose ledger extends the newest one on disk
 (``DeviceStore.save`` refuses one with fewer participations), so the newest
@@ -38,6 +45,7 @@ checkpoint than its own state; it refuses (``newest_round``, ``clients.app``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -87,6 +95,19 @@ class DeviceStore:
             return None
         return torch.load(path, map_location="cpu", weights_only=True)
 
+    def ledger_before(self, before_round: int) -> dict | None:
+        """The ledger as it was before ``before_round`` of this run (what the first
+        attempt of that round started from)."""
+        folder = self._before(self._generations(), before_round)
+        return json.loads((folder / LEDGER_FILE).read_text()) if folder else None
+
+    def attempt_digest(self, server_round: int) -> str | None:
+        """The update digest of an earlier attempt of ``server_round`` of this run
+        (one the server abandoned before releasing it), or None."""
+        digests = [stamp.get("digest", "") for _, stamp, _ in self._generations()
+                   if stamp["run"] == self.run and stamp["round"] == server_round]
+        return digests[-1] if digests else None
+
     def ledger(self) -> dict | None:
         """The newest ledger, whatever round or run wrote it: it is never rolled
         back (module docstring)."""
@@ -98,7 +119,8 @@ class DeviceStore:
         own = [stamp["round"] for _, stamp, _ in self._generations() if stamp["run"] == self.run]
         return int(own[-1]) if own else None
 
-    def save(self, server_round: int, personal: dict[str, torch.Tensor], ledger: dict) -> Path:
+    def save(self, server_round: int, personal: dict[str, torch.Tensor], ledger: dict,
+             digest: str = "") -> Path:
         """Write the state after ``server_round`` as a new generation, then drop
         every generation except it and the one its personal weights built on.
 
@@ -119,7 +141,8 @@ class DeviceStore:
         tmp.mkdir(parents=True)
         torch.save(personal, tmp / PERSONAL_FILE)
         (tmp / LEDGER_FILE).write_text(json.dumps(ledger))
-        (tmp / STAMP_FILE).write_text(json.dumps({"run": self.run, "round": server_round}))
+        (tmp / STAMP_FILE).write_text(json.dumps({"run": self.run, "round": server_round,
+                                                   "digest": digest}))
         tmp.rename(final)
         # Kept: the new generation (the newest ledger, which holds every earlier
         # one's events, and the personal weights after this round) and the one a
@@ -171,7 +194,23 @@ def load_ledger(store: DeviceStore, accountant: str) -> PhotoLedger:
     return PhotoLedger.from_config(config) if config else PhotoLedger(accountant=accountant)
 
 
+def load_ledger_before(store: DeviceStore, before_round: int, accountant: str) -> PhotoLedger:
+    config = store.ledger_before(before_round)
+    return PhotoLedger.from_config(config) if config else PhotoLedger(accountant=accountant)
+
+
+def update_digest(update: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of an update's names, dtypes, shapes and bytes: equal digests mean
+    the same values left the device."""
+    h = hashlib.sha256()
+    for key in sorted(update):
+        value = update[key].detach().cpu().contiguous()
+        h.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        h.update(value.numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_state(store: DeviceStore, server_round: int, model: nn.Module, task: Task,
-               ledger: PhotoLedger) -> None:
+               ledger: PhotoLedger, digest: str = "") -> None:
     personal = {k: v.detach().clone() for k, v in task.personal_state(model).items()}
-    store.save(server_round, personal, ledger.to_config())
+    store.save(server_round, personal, ledger.to_config(), digest)

@@ -127,6 +127,12 @@ class PhotoLedger:
         self.events = history
         self.participations += 1
 
+    def extended(self, planned: Event | None) -> PhotoLedger:
+        """A copy with one more participation (``planned``'s events; None when it
+        ran without photo-level DP)."""
+        events = _merge(self.events, planned) if planned else list(self.events)
+        return PhotoLedger(self.accountant, events, self.participations + 1)
+
     @property
     def steps(self) -> int:
         return sum(n for *_, n in self.events)

@@ -154,7 +154,23 @@ def test_a_device_refuses_a_round_older_than_its_state_and_redoes_its_newest(tmp
 
     replay = _train(context, recipe, 2)
     assert P.ARRAYS in replay.content and P.NEWER_STATE_ROUND not in _metrics(replay)
-    assert _metrics(replay)[P.PARTICIPATIONS] == 3
+    # seeded, photos unchanged: the very update that left before, counted once
+    assert _metrics(replay)[P.PARTICIPATIONS] == 2
+
+
+@pytest.mark.parametrize("noise,counted", [("seeded", 1), ("secure", 2)])
+def test_a_repeat_counts_again_unless_the_same_update_leaves_again(tmp_path, noise, counted):
+    """A seeded repeat over unchanged photos sends the first attempt's update bit
+    for bit: publishing it twice reveals nothing more, so it is counted once (a
+    resumed seeded run then spends exactly what an uninterrupted one does). Under
+    secure noise the repeat is a fresh release and is counted again."""
+    context, recipe = _simulated(), _recipe(tmp_path, noise=noise)
+    first = _train(context, recipe, 1)
+    again = _train(context, recipe, 1)
+    a, b = (r.content[P.ARRAYS].to_torch_state_dict() for r in (first, again))
+    assert all(torch.equal(a[k], b[k]) for k in a) == (noise == "seeded")
+    assert _metrics(again)[P.PARTICIPATIONS] == counted
+    assert _metrics(again)[P.LEDGER_STEPS] == counted * _metrics(first)[P.STEPS]
 
 
 def test_the_seeded_update_of_a_round_is_reproducible_on_the_device(tmp_path):
