@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from clients.app import app as client_app
 from fl import protocol as P
@@ -59,7 +59,11 @@ def _back_to_back_seconds(cfg, updates: int) -> list[float]:
         content = RecordDict({P.ARRAYS: ArrayRecord(checkpoint["shared"]),
                               P.PERSONAL_INIT: ArrayRecord(checkpoint["personal_init"]),
                               P.CONFIG: config})
-        message = Message(content=content, dst_node_id=device, message_type=MessageType.TRAIN)
+        # Outside a Flower run a Message needs its metadata spelt out.
+        metadata = Metadata(run_id=0, message_id=f"bench-{len(seconds)}", src_node_id=0,
+                            dst_node_id=device, reply_to_message_id="", group_id="",
+                            created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
+        message = Message(content=content, metadata=metadata)
         start = time.perf_counter()
         reply = client_app(message, context)
         seconds.append(time.perf_counter() - start)

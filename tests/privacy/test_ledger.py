@@ -92,3 +92,17 @@ def test_rdp_reproduces_published_mnist_epsilons(sigma, epochs, published):
     # What fedface reports uses the tighter conversion (Balle et al. 2020): never more.
     ours = epsilon_of([(sigma, q, steps)], 1e-5, "rdp")
     assert published * 0.75 < ours <= published
+
+
+@pytest.mark.parametrize("photos", [16, 40, 736, 737, 744, 745, 790])
+def test_the_planned_rate_is_the_rate_opacus_records(photos):
+    """Noise calibration (fl.privacy.plan) plans with the batches Opacus' DP data
+    loader will count; for 737..744 photos at batch 8 that is 92, not ceil(n/B)."""
+    import torch
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fl.privacy.plan import opacus_batches
+
+    loader = DataLoader(TensorDataset(torch.zeros(photos, 1)), batch_size=8)
+    assert len(DPDataLoader.from_data_loader(loader)) == opacus_batches(photos, 8)
