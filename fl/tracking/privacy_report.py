@@ -64,8 +64,8 @@ RELEASED_BY_SERVER_WITHOUT_DP = {
 
 # Inputs both mechanisms take as known to everyone; DP hides none of them.
 TREATED_AS_PUBLIC = {
-    "each device's photo count n": "sets the Poisson rate q = 1/ceil(n/B) (as Opacus counts batches) and the number of "
-    "DP-SGD steps per round, hence the device's photo-level epsilon; it leaves the device "
+    "each device's photo count n": "sets the Poisson rate q = 1/ceil(n/B) (as Opacus counts "
+    "batches) and the number of DP-SGD steps per round, hence the device's photo-level epsilon; it leaves the device "
     "as num-examples and in the ledger's sample rate and steps",
     "the run's config, including seed (MLflow params)": "under privacy.noise=seeded the "
     "seed reproduces every noise draw (see noise)",
