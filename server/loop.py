@@ -122,7 +122,7 @@ class RoundLoop:
         result = LoopResult(shared=dict(shared), devices={
             node: DeviceRecord(f"device-{i:05d}") for node, i in index.items()})
         if resume is None:
-            panel, exhausted = sorted(self.sampler.choose(fleet, self.s.eval_devices)), set()
+            panel, exhausted = self._panel(fleet), set()
             metrics = self._evaluate(0, result.shared, panel) | self._newuser(result.shared)
             result.history[0] = metrics
             self.recorder.round_done(0, metrics, self._state(0, DONE, result, panel, exhausted))
@@ -158,6 +158,15 @@ class RoundLoop:
             self.recorder.round_done(rnd, metrics,  # 8.
                                      self._state(rnd, DONE, result, panel, exhausted))
         return result
+
+    def _panel(self, fleet: list[int]) -> list[int]:
+        """The fixed evaluation panel, always from the run's seed: the same users in
+        every run of a fleet, whatever the noise mode, so runs compare on the same
+        people (evaluation metrics are released without DP either way). Under
+        seeded noise it is the cohort sampler's first draw, as it always was."""
+        sampler = self.sampler if not self.secret_sampling else CohortSampler(
+            self.s.sampling, self.s.devices_per_round, self.s.num_devices, self.s.seed)
+        return sorted(sampler.choose(fleet, self.s.eval_devices))
 
     def _stop_reason(self, eligible: list[int]) -> str:
         if not eligible:
