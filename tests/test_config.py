@@ -50,6 +50,8 @@ def test_privacy_none_needs_no_noise():
     (["privacy=photo_user", "privacy.user.simulated_cohort_size=10"],
      "privacy.user.simulated_cohort_size"),
     (["fleet.sampling=bernoulli"], "fleet.sampling"),
+    (["privacy.noise=urandom"], "privacy.noise"),
+    (["data=device", "devices.consent_default=deny"], "privacy.noise"),
 ])
 def test_privacy_values_that_cannot_work_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

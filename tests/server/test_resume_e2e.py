@@ -118,3 +118,21 @@ def test_resume_of_an_unknown_run_says_what_to_give(tmp_path):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="not a readable fedface server checkpoint"):
         resumed_config(compose([f"resume={tmp_path / 'junk.pt'}"]), [])
+
+
+def test_a_checkpoint_older_than_the_runs_newest_is_refused_with_the_one_to_use(tmp_path):
+    """Resuming from an old copy would release rounds 2.. again with new noise."""
+    import dataclasses
+
+    cfg = compose([f"checkpoint.dir={tmp_path / 'checkpoints'}",
+                   f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    old = load_checkpoint(_checkpoint(tmp_path, cfg))
+    newest = tmp_path / "checkpoints" / old.run_id / "last.pt"
+    save_checkpoint(newest, dataclasses.replace(
+        old, loop=dataclasses.replace(old.loop, round=2, phase="released")))
+    args = [f"resume={tmp_path / 'last.pt'}", f"checkpoint.dir={tmp_path / 'checkpoints'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
+    with pytest.raises(ConfigError, match=r"already reached round 2 \(released\).*"
+                                          rf"resume={old.run_id}"):
+        resumed_config(compose(args), args)
+    resumed_config(compose([f"resume={newest}", *args[1:]]), [f"resume={newest}", *args[1:]])
