@@ -6,6 +6,7 @@ override fails in a second with a fix instead of an hour into a run.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,12 @@ from fl.protocol import Recipe
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+# The only classes a config (or a resume checkpoint's config) may instantiate:
+# Flower's strategies, by their public module, with plain-value arguments.
+STRATEGY_MODULE = "flwr.serverapp.strategy"
+FEDFACE_STRATEGY_KEYS = ("update_norm_bound", "max_examples")
 
 
 class ConfigError(ValueError):
@@ -104,7 +111,47 @@ def validate(cfg: DictConfig) -> None:
                  "replacement event); or set fleet.sampling=poisson")
         _require((u.budget_epsilon or 0) >= 0, "privacy.user.budget_epsilon", u.budget_epsilon,
                  "non-negative (0 means no budget)")
+    validate_strategy(cfg)
     _validate_tracking(cfg)
+
+
+def _targets(node: Any, path: str = "") -> list[str]:
+    """Dotted paths of every ``_target_`` in a config subtree."""
+    if isinstance(node, dict):
+        found = [path + "_target_"] if "_target_" in node else []
+        for key, value in node.items():
+            found += _targets(value, f"{path}{key}.")
+        return found
+    if isinstance(node, list):
+        return [t for i, value in enumerate(node) for t in _targets(value, f"{path}{i}.")]
+    return []
+
+
+def validate_strategy(cfg: DictConfig) -> None:
+    """Only an allow-listed strategy may be instantiated, with plain arguments:
+    a config is also what a resume checkpoint carries, and a nested ``_target_``
+    there would run any callable (a reviewer's checkpoint ran ``os.makedirs``)."""
+    from flwr.serverapp import strategy as flower_strategies
+    from flwr.serverapp.strategy import Strategy
+
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    stray = [t for t in _targets(tree) if t != "strategy._target_"]
+    _require(not stray, stray[0] if stray else "",
+             OmegaConf.select(cfg, stray[0], default=None) if stray else None,
+             "absent: only strategy._target_ may name a class")
+    target = str(cfg.strategy.get("_target_", ""))
+    module, _, name = target.rpartition(".")
+    allowed = module == STRATEGY_MODULE and isinstance(
+        getattr(flower_strategies, name, None), type) and issubclass(
+        getattr(flower_strategies, name), Strategy)
+    _require(allowed, "strategy._target_", target,
+             f"a class of {STRATEGY_MODULE} (e.g. {STRATEGY_MODULE}.FedAvg, FedMedian, "
+             "FedTrimmedAvg), the only classes a config may instantiate")
+    s = cfg.strategy
+    _require(s.update_norm_bound >= 0 and math.isfinite(s.update_norm_bound),
+             "strategy.update_norm_bound", s.update_norm_bound, "a finite number >= 0 (0: off)")
+    _require(isinstance(s.max_examples, int) and s.max_examples >= 0, "strategy.max_examples",
+             s.max_examples, "a whole number >= 0 (0: no cap, 1: equal weights)")
 
 
 def tracking_uri(cfg: DictConfig) -> str:

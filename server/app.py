@@ -51,9 +51,12 @@ class Summary:
 
 
 def build_strategy(cfg: DictConfig):
-    """The configured Flower strategy; fedface samples devices itself, so the
-    strategy is told to use every node of the grid view it is given."""
-    return instantiate(cfg.strategy, fraction_train=1.0, fraction_evaluate=1.0,
+    """The configured Flower strategy (``_target_`` allow-listed by ``fl.config``);
+    fedface samples devices itself, so the strategy is told to use every node of
+    the grid view it is given. fedface's own keys (``C.FEDFACE_STRATEGY_KEYS``)
+    configure the release, not the strategy."""
+    arguments = {k: v for k, v in cfg.strategy.items() if k not in C.FEDFACE_STRATEGY_KEYS}
+    return instantiate(arguments, fraction_train=1.0, fraction_evaluate=1.0,
                        min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,
                        weighted_by_key=P.WEIGHT_KEY)
 
@@ -107,7 +110,9 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
     if resume is not None:
         recorder.relog_checkpointed_round(resume.loop)
     strategy = build_strategy(cfg)
-    release = make_release(plan.user, strategy, task.is_device_trained, plan.noise, cfg.seed)
+    release = make_release(plan.user, strategy, task.is_device_trained, plan.noise, cfg.seed,
+                           float(cfg.strategy.update_norm_bound),
+                           int(cfg.strategy.max_examples))
     loop = RoundLoop(grid, strategy, release, task, spec, settings,
                      P.round_config(recipe, C.task_params(cfg), spec),
                      personal_init, recorder, progress)

@@ -185,21 +185,22 @@ class RoundLoop:
             replies = self.transport.send(self.strategy.configure_train(  # 3.
                 rnd, ArrayRecord(result.shared), ConfigRecord(dict(self.config)),
                 SampledGrid(self.grid, sampled)), "trained")
-        reports, failed = parse_train_replies(replies, sampled)  # 4.
+        reports, failed, malformed = parse_train_replies(replies, sampled)  # 4.
         self._refuse_stale_checkpoint(rnd, result, reports)
         released = self.release.release(rnd, result.shared, [  # 5.
             DeviceUpdate(node, report.arrays, report.examples, reply)
             for node, (report, reply) in reports.items() if report.arrays is not None])
-        failed |= {node: f"failed: {why}" for node, why in released.rejected.items()}
-        losses, photos_used = fold_train_reports(result.devices, reports, failed, exhausted)
+        rejected = malformed | {node: f"rejected: {why}" for node, why in released.rejected.items()}
+        losses, photos_used = fold_train_reports(result.devices, reports, failed | rejected,
+                                                 exhausted)
         result.shared = released.state
         train_seconds = time.time() - start
         metrics = {
             K.TRAIN_LOSS: mean(losses),
             K.DEVICES_SAMPLED: float(len(sampled)),
             K.DEVICES_TRAINED: float(len(released.accepted)),
-            # Errors, no reply by the timeout, malformed replies, rejected updates.
-            K.DEVICES_FAILED: float(len(sampled) - len(reports) + len(released.rejected)),
+            K.DEVICES_FAILED: float(len(sampled) - len(reports) - len(malformed)),
+            K.DEVICES_REJECTED: float(len(rejected)),
             K.DEVICES_BUDGET_EXHAUSTED: float(len(exhausted)),
             K.CONSENT_PHOTOS_USED: float(photos_used),
             K.UPDATES_PER_SECOND: len(released.accepted) / max(train_seconds, 1e-9),

@@ -78,16 +78,18 @@ def mean(values: list[float]) -> float:
 
 
 def parse_train_replies(replies: list[Message], sampled: Collection[int]
-                        ) -> tuple[dict[int, tuple[P.TrainReport, Message]], dict[int, str]]:
-    """Typed reports of the devices asked this round, and why the others failed.
+                        ) -> tuple[dict[int, tuple[P.TrainReport, Message]], dict[int, str],
+                                   dict[int, str]]:
+    """Typed reports of the devices asked this round; the devices whose reply was an
+    error (failed); and those whose reply failed validation (rejected, with why).
 
-    Errors and malformed replies fail that device only; replies from devices not
-    asked, and second replies, are dropped (input from a device is untrusted)."""
-    reports, failed = {}, {}
+    Replies from devices not asked, and second replies, are dropped: input from a
+    device is untrusted."""
+    reports, failed, rejected = {}, {}, {}
     asked = set(sampled)
     for reply in replies:
         node = reply.metadata.src_node_id
-        if node not in asked or node in reports or node in failed:
+        if node not in asked or node in reports or node in failed or node in rejected:
             continue
         if reply.has_error():
             failed[node] = "failed"
@@ -95,17 +97,17 @@ def parse_train_replies(replies: list[Message], sampled: Collection[int]
         try:
             reports[node] = (P.TrainReport.from_message(reply), reply)
         except P.MalformedReply as err:
-            failed[node] = f"failed: malformed reply ({err})"
-    return reports, failed
+            rejected[node] = f"rejected: malformed reply ({err})"
+    return reports, failed, rejected
 
 
 def fold_train_reports(records: dict[int, DeviceRecord],
                        reports: dict[int, tuple[P.TrainReport, Message]],
                        failed: dict[int, str], exhausted: set[int]) -> tuple[list[float], int]:
     """Fold a round's reports into ``records`` (and ``exhausted``); ``failed``
-    holds devices that erred, sent a malformed reply, or whose update the release
-    rejected. Returns the training losses and photos used of the updates that
-    counted."""
+    holds the status of devices that erred, sent a malformed reply, or whose
+    update the release rejected. Returns the training losses and photos used of
+    the updates that counted."""
     losses, photos_used = [], 0
     for node, reason in failed.items():
         records[node].status = reason

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from fl.config import ConfigError
+from fl.config import ConfigError, validate_strategy
 from fl.tracking.mlflow_run import quiet_mlflow, tracking_uri
 from server.checkpoint import ARTIFACT_PATH, CHECKPOINT_FILE, Checkpoint, load_checkpoint
 
@@ -106,4 +106,5 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, C
     saved = OmegaConf.create(checkpoint.config_yaml)
     allowed = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides])
     merged = OmegaConf.merge(saved, allowed)
+    validate_strategy(merged)  # a checkpoint's config must not instantiate anything else
     return merged, checkpoint

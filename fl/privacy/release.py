@@ -91,7 +91,7 @@ def screen(updates: list[DeviceUpdate], reference: dict[str, torch.Tensor]
     for update in updates:
         reason = screen_update(update.arrays, reference, update.weight)
         if reason:
-            rejected[update.node] = f"update rejected: {reason}"
+            rejected[update.node] = f"update {reason}"
         else:
             accepted.append(update)
     return accepted, rejected
@@ -138,15 +138,39 @@ class Release(ABC):
 
 class PlainRelease(Release):
     """The configured Flower strategy's aggregate (FedAvg by default): no
-    user-level guarantee; a weighted mean has no per-user sensitivity bound."""
+    user-level guarantee; a weighted mean has no per-user sensitivity bound.
 
-    def __init__(self, strategy) -> None:
+    Without DP nothing else bounds one device's influence, so two optional
+    bounds come first (``strategy.update_norm_bound``, ``strategy.max_examples``):
+    each update is scaled down to an L2 norm of at most ``norm_bound`` around the
+    weights sent, and each claimed example count is capped at ``max_examples``
+    (1: equal weights). With both, one device moves a FedAvg mean by at most
+    ``norm_bound * max_examples / total weight``; without them, a device claiming
+    1e9 examples replaces the model.
+    """
+
+    def __init__(self, strategy, norm_bound: float = 0.0, max_examples: int = 0) -> None:
         super().__init__()
-        self.strategy = strategy
+        self.strategy, self.norm_bound, self.max_examples = strategy, norm_bound, max_examples
+
+    def _bounded(self, update: DeviceUpdate, shared: dict[str, torch.Tensor]) -> DeviceUpdate:
+        arrays, weight = update.arrays, update.weight
+        if self.norm_bound > 0:
+            delta = {k: arrays[k].double() - shared[k].double() for k in shared
+                     if shared[k].is_floating_point()}
+            norm = float(torch.sqrt(sum((d * d).sum() for d in delta.values())))
+            if norm > self.norm_bound:
+                factor = self.norm_bound / norm
+                arrays = dict(arrays) | {k: (shared[k].double() + d * factor).to(shared[k].dtype)
+                                         for k, d in delta.items()}
+        if self.max_examples > 0:
+            weight = min(weight, float(self.max_examples))
+        return DeviceUpdate(update.node, arrays, weight, update.message)
 
     def _publish(self, rnd, shared, accepted):
         if accepted:
-            aggregated, _ = self.strategy.aggregate_train(rnd, [_screened(u) for u in accepted])
+            bounded = [self._bounded(u, shared) for u in accepted]
+            aggregated, _ = self.strategy.aggregate_train(rnd, [_screened(u) for u in bounded])
             if aggregated is not None:
                 shared.update(aggregated.to_torch_state_dict())
         return shared, {}
@@ -223,8 +247,9 @@ class DpFedAvgRelease(Release):
 
 
 def make_release(user: UserPlan, strategy, is_device_trained: Callable[[str], bool],
-                 noise_mode: str, seed: int) -> Release:
-    """The release the privacy plan asks for."""
+                 noise_mode: str, seed: int, norm_bound: float = 0.0,
+                 max_examples: int = 0) -> Release:
+    """The release the privacy plan asks for (DP-FedAvg's clip is its own bound)."""
     if user.enabled:
         return DpFedAvgRelease(user, is_device_trained, noise_mode, seed)
-    return PlainRelease(strategy)
+    return PlainRelease(strategy, norm_bound, max_examples)

@@ -30,7 +30,8 @@ SIM_USER_NOISE_MULTIPLIER = "privacy/simulated_user_noise_multiplier"
 
 DEVICES_SAMPLED = "fleet/devices_sampled"
 DEVICES_TRAINED = "fleet/devices_trained"
-DEVICES_FAILED = "fleet/devices_failed"
+DEVICES_FAILED = "fleet/devices_failed"  # errors and no reply by the timeout
+DEVICES_REJECTED = "fleet/devices_rejected"  # replies or updates that failed validation
 DEVICES_BUDGET_EXHAUSTED = "fleet/devices_budget_exhausted"
 UPDATE_CLIP_FRACTION = "fleet/update_clip_fraction"
 DEVICES_EVALUATED_PERSONALISED = "fleet/eval_devices_personalised"

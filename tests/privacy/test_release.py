@@ -151,3 +151,31 @@ def test_the_noise_on_the_sum_has_the_accounted_scale(noise):
     out = release.release(1, shared, [])
     assert (out.state["decoder.w"].double() * 4).std().item() == pytest.approx(1.0, rel=0.02)
     assert math.isfinite(out.metrics[K.USER_EPS])
+
+
+# --- bounded aggregation without DP (a hostile device in a plain FedAvg) -----------------
+
+def test_without_bounds_a_device_claiming_a_billion_examples_replaces_the_model():
+    out = plain_release().release(1, SHARED, [_update(0, 0.1), _update(1, 50.0, weight=1e9)])
+    assert out.state["decoder.w"][0].item() == pytest.approx(50.0, rel=1e-6)
+
+
+def test_a_norm_bound_and_an_example_cap_bound_one_devices_pull():
+    release = PlainRelease(FedAvg(weighted_by_key=P.WEIGHT_KEY), norm_bound=1.0,
+                           max_examples=1)
+    honest = [_update(n, 0.01) for n in range(9)]
+    out = release.release(1, SHARED, [*honest, _update(9, 50.0, weight=1e9)])
+    delta = torch.cat([out.state[k] - SHARED[k] for k in SHARED])
+    # nine honest updates of norm 0.01*sqrt(72) = 0.085 and one scaled to norm 1,
+    # equal weights: the mean moves by at most (9 * 0.085 + 1) / 10
+    assert delta.norm().item() <= (9 * 0.01 * 72 ** 0.5 + 1.0) / 10 + 1e-6
+
+
+@pytest.mark.parametrize("target", ["FedMedian", "FedTrimmedAvg"])
+def test_flowers_robust_strategies_shrug_off_one_hostile_device(target):
+    import flwr.serverapp.strategy as strategies
+
+    release = PlainRelease(getattr(strategies, target)(weighted_by_key=P.WEIGHT_KEY))
+    honest = [_update(n, 0.01 * (n + 1)) for n in range(9)]
+    out = release.release(1, SHARED, [*honest, _update(9, 50.0, weight=1e9)])
+    assert out.state["decoder.w"].abs().max().item() < 0.1

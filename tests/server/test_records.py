@@ -49,28 +49,29 @@ def test_a_well_formed_reply_is_typed():
     ({P.NEWER_STATE_ROUND: math.nan}, "outside"),
 ])
 def test_a_malformed_reply_fails_that_device_with_a_reason(metrics, reason):
-    reports, failed = parse_train_replies([_reply(1), _reply(2, **metrics)], sampled=[1, 2])
-    assert list(reports) == [1]
-    assert failed[2].startswith("failed: malformed reply") and reason in failed[2]
+    reports, failed, rejected = parse_train_replies([_reply(1), _reply(2, **metrics)],
+                                                    sampled=[1, 2])
+    assert list(reports) == [1] and failed == {}
+    assert rejected[2].startswith("rejected: malformed reply") and reason in rejected[2]
 
 
 def test_replies_from_devices_not_asked_and_second_replies_are_dropped():
-    reports, failed = parse_train_replies([_reply(1), _reply(1, **{P.PHOTO_EPS: 9.0}),
-                                           _reply(99)], sampled=[1])
-    assert list(reports) == [1] and reports[1][0].photo_eps == 1.5 and failed == {}
+    reports, failed, rejected = parse_train_replies(
+        [_reply(1), _reply(1, **{P.PHOTO_EPS: 9.0}), _reply(99)], sampled=[1])
+    assert list(reports) == [1] and reports[1][0].photo_eps == 1.5
+    assert failed == {} and rejected == {}
 
 
 def test_a_rejected_update_adds_no_loss_or_photos_but_keeps_its_ledger_row():
     records = {1: DeviceRecord("device-00001"), 2: DeviceRecord("device-00002")}
-    reports, _ = parse_train_replies([_reply(1), _reply(2, **{P.TRAIN_LOSS: 5.0})], [1, 2])
-    losses, photos = fold_train_reports(records, reports, {2: "failed: update rejected"},
-                                        set())
+    reports, _, _ = parse_train_replies([_reply(1), _reply(2, **{P.TRAIN_LOSS: 5.0})], [1, 2])
+    losses, photos = fold_train_reports(records, reports, {2: "rejected: update ..."}, set())
     assert losses == [0.1] and photos == 12
-    assert records[2].status == "failed: update rejected" and records[2].epsilon == 1.5
+    assert records[2].status == "rejected: update ..." and records[2].epsilon == 1.5
 
 
 def test_only_a_plausible_later_round_stops_the_run():
     records = {1: DeviceRecord("device-00001")}
     for later, expected in [(10**9, ""), (3, ""), (4, "device-00001")]:
-        reports, _ = parse_train_replies([_reply(1, **{P.NEWER_STATE_ROUND: later})], [1])
+        reports, _, _ = parse_train_replies([_reply(1, **{P.NEWER_STATE_ROUND: later})], [1])
         assert newer_state(records, reports, rnd=3, rounds=20)[0] == expected

@@ -101,7 +101,8 @@ def test_hostile_reply_crash_after_release_replay_and_stale_resume(tiny_override
     first_release = {k: v.clone() for k, v in stopped.loop.shared.items()}
     # The NaN reply was rejected and counted; the release stayed finite.
     assert grids["g"].poisoned
-    assert stopped.loop.history[1]["fleet/devices_failed"] == 1
+    assert stopped.loop.history[1]["fleet/devices_rejected"] == 1
+    assert stopped.loop.history[1]["fleet/devices_failed"] == 0
     assert stopped.loop.history[1]["fleet/devices_trained"] == 2
     assert all(bool(torch.isfinite(v).all()) for v in first_release.values())
     assert any("non-finite" in row["status"] for row in stopped.loop.devices.values())

@@ -136,3 +136,25 @@ def test_a_checkpoint_older_than_the_runs_newest_is_refused_with_the_one_to_use(
                                           rf"resume={old.run_id}"):
         resumed_config(compose(args), args)
     resumed_config(compose([f"resume={newest}", *args[1:]]), [f"resume={newest}", *args[1:]])
+
+
+def test_a_checkpoint_whose_config_would_run_code_is_refused(tmp_path):
+    """The reviewer's malicious checkpoint: a nested ``_target_`` in the strategy
+    made resume call ``os.makedirs``. Now nothing outside Flower's strategies is
+    instantiated, and nothing runs."""
+    from omegaconf import OmegaConf
+
+    pwned = tmp_path / "pwned"
+    cfg = compose([f"checkpoint.dir={tmp_path / 'checkpoints'}",
+                   f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    for strategy in ({"_target_": "flwr.serverapp.strategy.FedAvg",
+                      "inner": {"_target_": "os.makedirs", "name": str(pwned)}},
+                     {"_target_": "os.makedirs", "name": str(pwned)}):
+        malicious = OmegaConf.to_container(cfg)
+        malicious["strategy"] = strategy
+        path = _checkpoint(tmp_path, OmegaConf.create(malicious))
+        args = [f"resume={path}", f"checkpoint.dir={tmp_path / 'checkpoints'}",
+                f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
+        with pytest.raises(ConfigError, match="_target_"):
+            resumed_config(compose(args), args)
+    assert not pwned.exists()
