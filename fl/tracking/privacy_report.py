@@ -48,7 +48,8 @@ RELEASED_BY_SERVER_WITHOUT_DP = {
     "fleet/update_clip_fraction (per round)": "computed from the individual, un-noised "
     "updates (the fraction whose norm passed the clip): a function of each device's update "
     "before noise, so in a small cohort it tells whether one device's update was large",
-    "fleet/devices_sampled, fleet/devices_trained, fleet/devices_failed (per round)":
+    "fleet/devices_sampled, fleet/devices_trained, fleet/devices_failed, "
+    "fleet/devices_rejected (per round)":
         "reveal the size of each round's cohort and how many of it trained or failed; "
         "changes between rounds show when devices joined, failed or dropped out",
     "privacy/ledger.json (per device: participations, steps, sample rate, photo-level "
