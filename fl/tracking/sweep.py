@@ -78,8 +78,8 @@ class SweepCallback(Callback):
     """Closes the sweep's parent run and logs its report when a multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from experiments.report import build_report
         from fl.tracking.mlflow_run import quiet_mlflow, tracking_uri
+        from fl.tracking.sweep_report import build_report
 
         quiet_mlflow()
         uri = tracking_uri(config)
