@@ -141,17 +141,19 @@ def validate_strategy(cfg: DictConfig) -> None:
              "absent: only strategy._target_ may name a class")
     target = str(cfg.strategy.get("_target_", ""))
     module, _, name = target.rpartition(".")
-    allowed = module == STRATEGY_MODULE and isinstance(
-        getattr(flower_strategies, name, None), type) and issubclass(
-        getattr(flower_strategies, name), Strategy)
-    _require(allowed, "strategy._target_", target,
-             f"a class of {STRATEGY_MODULE} (e.g. {STRATEGY_MODULE}.FedAvg, FedMedian, "
-             "FedTrimmedAvg), the only classes a config may instantiate")
-    s = cfg.strategy
-    _require(s.update_norm_bound >= 0 and math.isfinite(s.update_norm_bound),
-             "strategy.update_norm_bound", s.update_norm_bound, "a finite number >= 0 (0: off)")
-    _require(isinstance(s.max_examples, int) and s.max_examples >= 0, "strategy.max_examples",
-             s.max_examples, "a whole number >= 0 (0: no cap, 1: equal weights)")
+    found = getattr(flower_strategies, name, None) if module == STRATEGY_MODULE else None
+    _require(isinstance(found, type) and issubclass(found, Strategy), "strategy._target_",
+             target, f"a class of {STRATEGY_MODULE} (e.g. {STRATEGY_MODULE}.FedAvg, "
+             "FedMedian, FedTrimmedAvg), the only classes a config may instantiate")
+    bound, cap = cfg.strategy.get("update_norm_bound"), cfg.strategy.get("max_examples")
+    _require(_is_number(bound) and math.isfinite(bound) and bound >= 0,
+             "strategy.update_norm_bound", bound, "a finite number >= 0 (0: off)")
+    _require(_is_number(cap) and cap == int(cap) and cap >= 0, "strategy.max_examples", cap,
+             "a whole number >= 0 (0: no cap, 1: equal weights)")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def tracking_uri(cfg: DictConfig) -> str:

@@ -51,6 +51,10 @@ def test_privacy_none_needs_no_noise():
      "privacy.user.simulated_cohort_size"),
     (["fleet.sampling=bernoulli"], "fleet.sampling"),
     (["privacy.noise=urandom"], "privacy.noise"),
+    (["strategy._target_=os.makedirs"], "strategy._target_"),
+    (["strategy.update_norm_bound=abc"], "strategy.update_norm_bound"),
+    (["strategy.update_norm_bound=inf"], "strategy.update_norm_bound"),
+    (["strategy.max_examples=2.5"], "strategy.max_examples"),
     (["data=device", "devices.consent_default=deny"], "privacy.noise"),
 ])
 def test_privacy_values_that_cannot_work_name_the_key(overrides, key):

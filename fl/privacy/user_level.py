@@ -121,13 +121,13 @@ def calibrate(make: Callable[[float], UserMechanism], target_epsilon: float, rou
     returned value meets the target) searches ``[low, high]``. Raises when even
     ``high`` cannot reach the target.
     """
-    if make(high).epsilon(rounds) > target_epsilon:
+    reference = make(high)
+    if reference.epsilon(rounds) > target_epsilon:
         raise ValueError(f"target epsilon {target_epsilon} is out of reach over {rounds} "
                          f"rounds even with noise multiplier {high}; plan fewer rounds or "
                          "raise the target")
     if make(low).epsilon(rounds) <= target_epsilon:
         return low  # even the least noise searched meets the target
-    reference = make(high)
     return float(mechanism_calibration.calibrate_dp_mechanism(
         make_fresh_accountant=reference.fresh_accountant,
         make_event_from_param=lambda noise: dpa.SelfComposedDpEvent(
