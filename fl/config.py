@@ -17,6 +17,7 @@ from fl.data.consent import DEFAULTS
 from fl.data.device_data import available_devices, source_names
 from fl.data.fleet import FleetSpec
 from fl.data.synthfaces import MAX_SIZE, MIN_SIZE
+from fl.faults import KINDS as FAULT_KINDS
 from fl.privacy.ledger import ACCOUNTANTS
 from fl.privacy.noise import NOISE_MODES, SEEDED
 from fl.privacy.plan import PhotoPlan
@@ -52,6 +53,7 @@ def validate(cfg: DictConfig) -> None:
     """
     from fl.tasks import task_names
 
+    _validate_types(cfg)
     _require(cfg.task.name in task_names(), "task.name", cfg.task.name,
              f"one of {task_names()}")
     _validate_source(cfg)
@@ -111,8 +113,106 @@ def validate(cfg: DictConfig) -> None:
                  "replacement event); or set fleet.sampling=poisson")
         _require((u.budget_epsilon or 0) >= 0, "privacy.user.budget_epsilon", u.budget_epsilon,
                  "non-negative (0 means no budget)")
+    _validate_faults(cfg)
     validate_strategy(cfg)
     _validate_tracking(cfg)
+
+
+def _validate_faults(cfg: DictConfig) -> None:
+    """``faults.share`` and ``faults.kinds`` turn simulated faults on together,
+    and never on real devices."""
+    share, kinds = fault_settings(cfg)
+    unknown = [k for k in kinds if k not in FAULT_KINDS]
+    _require(not unknown, "faults.kinds", kinds, f"a list of {list(FAULT_KINDS)}")
+    _require(bool(share) == bool(kinds), "faults.share" if kinds else "faults.kinds",
+             share if kinds else kinds,
+             "set together: faults.share > 0 and a non-empty faults.kinds, e.g. "
+             "faults.share=0.2 'faults.kinds=[nan,crash]' (or faults=all)")
+    _require(not kinds or cfg.data.source != "device", "faults.kinds", kinds,
+             "empty with data=device: simulated faults are for simulated fleets only")
+
+
+def fault_settings(cfg: DictConfig) -> tuple[float, list[str]]:
+    """(share, kinds) of ``faults.*``; (0, []) when off."""
+    faults = cfg.get("faults") or {}
+    kinds = faults.get("kinds") or []
+    _require(OmegaConf.is_list(kinds) or isinstance(kinds, list), "faults.kinds", kinds,
+             "a list, e.g. 'faults.kinds=[nan,crash]'")
+    return float(faults.get("share") or 0.0), [str(k) for k in kinds]
+
+
+# Every numeric key a run reads: (key, whole number?, low, high, low included?).
+# Checked before anything compares them, so `fleet.rounds=abc` or
+# `fleet.devices_per_round=2.5` names its key instead of failing deep inside.
+INF = math.inf
+NUMBERS: tuple[tuple[str, bool, float, float, bool], ...] = (
+    ("seed", True, 0, INF, True),
+    ("data.image_size", True, 1, INF, True),
+    ("data.photos_min", True, 1, INF, True),
+    ("data.photos_max", True, 1, INF, True),
+    ("data.heldout_photos", True, 1, INF, True),
+    ("data.num_public", True, 0, INF, True),
+    ("data.clip_length", True, 1, INF, True),
+    ("fleet.num_devices", True, 1, INF, True),
+    ("fleet.devices_per_round", True, 1, INF, True),
+    ("fleet.rounds", True, 1, INF, True),
+    ("fleet.eval_devices", True, 0, INF, True),
+    ("fleet.newuser_every", True, 0, INF, True),
+    ("fleet.newuser_identities", True, 0, INF, True),
+    ("fleet.newuser_steps", True, 0, INF, True),
+    ("fleet.round_timeout", False, 0, INF, False),
+    ("fleet.cpus_per_device", False, 0, INF, False),
+    ("fleet.start_quorum", False, 0, 1, False),
+    ("fleet.unavailable_after", True, 0, INF, True),
+    ("fleet.retry_after", True, 1, INF, True),
+    ("local.epochs", False, 0, INF, False),
+    ("local.batch_size", True, 1, INF, True),
+    ("local.lr_shared", False, 0, INF, True),
+    ("local.lr_personal", False, 0, INF, True),
+    ("privacy.photo.noise_multiplier", False, 0, INF, False),
+    ("privacy.photo.target_epsilon", False, 0, INF, False),
+    ("privacy.photo.max_grad_norm", False, 0, INF, False),
+    ("privacy.photo.delta", False, 0, 1, False),
+    ("privacy.photo.budget_epsilon", False, 0, INF, True),
+    ("privacy.user.noise_multiplier", False, 0, INF, False),
+    ("privacy.user.target_epsilon", False, 0, INF, False),
+    ("privacy.user.clip", False, 0, INF, False),
+    ("privacy.user.delta", False, 0, 1, False),
+    ("privacy.user.budget_epsilon", False, 0, INF, True),
+    ("privacy.user.simulated_cohort_size", True, 0, INF, True),
+    ("privacy.user.simulated_population", True, 0, INF, True),
+    ("strategy.update_norm_bound", False, 0, INF, True),
+    ("strategy.max_examples", True, 0, INF, True),
+    ("faults.share", False, 0, 1, True),
+    ("tracking.samples_every", True, 0, INF, True),
+    ("pretrain.steps", True, 0, INF, True),
+    ("pretrain.batch_size", True, 1, INF, True),
+    ("pretrain.lr", False, 0, INF, False),
+)
+# Keys whose null means "not set" (the checks below say when one must be set).
+NULLABLE = {"privacy.photo.noise_multiplier", "privacy.photo.target_epsilon",
+            "privacy.photo.delta", "privacy.photo.budget_epsilon",
+            "privacy.user.noise_multiplier", "privacy.user.target_epsilon",
+            "privacy.user.delta", "privacy.user.budget_epsilon"}
+
+
+def _validate_types(cfg: DictConfig) -> None:
+    """Each numeric key is a finite number of the right kind, in its range."""
+    for key, whole, low, high, low_included in NUMBERS:
+        unit = key.split(".")[1] if key.startswith("privacy.") else ""
+        if unit and not OmegaConf.select(cfg, f"privacy.{unit}.enabled", default=False):
+            continue  # a unit that is off reads none of its values
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None and (key in NULLABLE or OmegaConf.select(
+                cfg, key, default="absent") == "absent"):
+            continue
+        kind = "a whole number" if whole else "a finite number"
+        _require(_is_number(value) and math.isfinite(value), key, value, kind)
+        _require(not whole or value == int(value), key, value, kind)
+        above = value >= low if low_included else value > low
+        _require(above and value <= high, key, value,
+                 f"{kind} {'>=' if low_included else '>'} {low:g}"
+                 + (f" and <= {high:g}" if high < INF else ""))
 
 
 def _targets(node: Any, path: str = "") -> list[str]:
@@ -261,7 +361,9 @@ def recipe(cfg: DictConfig, photo: PhotoPlan) -> Recipe:
                   accountant=photo.accountant, budget_epsilon=photo.budget_epsilon,
                   seed=int(cfg.seed), noise=str(cfg.privacy.noise),
                   consent_default=consent_default(cfg),
-                  device_storage=str(cfg.devices.storage_dir))
+                  device_storage=str(cfg.devices.storage_dir),
+                  faults=",".join(fault_settings(cfg)[1]), fault_share=fault_settings(cfg)[0],
+                  fault_hang_seconds=float(cfg.fleet.round_timeout) + 5.0)
 
 
 def objective_key(cfg: DictConfig) -> str:

@@ -40,6 +40,10 @@ STATUS, REASON = "status", "reason"  # ConfigRecord with why a device did not ta
 # is asked to train (the server resumed from an old checkpoint) refuses and reports
 # that round, so the server stops instead of releasing a round twice.
 NEWER_STATE_ROUND = "newer-state-round"
+# 1 when the device's newest stored generation was unreadable and it fell back to
+# the one before for its personal weights (``clients.device_state``); never for the
+# ledger, which is a refusal instead.
+STATE_FALLBACK = "state-fallback"
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,11 @@ class Recipe:
     consent_default: str = "grant"  # photos of a device without consent.json: grant | deny
     device_storage: str = ".fedface-devices"  # simulated devices' own directories live here
     run: str = ""  # the MLflow run id: a simulated device keeps its state per run
+    # Simulated faults (``fl.faults``): comma-separated kinds; "" = none. Real devices
+    # refuse a recipe with faults.
+    faults: str = ""
+    fault_share: float = 0.0
+    fault_hang_seconds: float = 0.0  # how long a "hang" device sleeps (past the timeout)
 
 
 def round_config(recipe: Recipe, task: dict[str, Any], fleet: FleetSpec) -> ConfigRecord:
@@ -127,8 +136,10 @@ class TrainReport:
     arrays: dict[str, Any] | None = None  # torch tensors, when the device trained
 
     @classmethod
-    def from_message(cls, reply) -> TrainReport:
-        """Raise ``MalformedReply`` with a short reason for anything unusable."""
+    def from_message(cls, reply, max_examples: float = math.inf) -> TrainReport:
+        """Raise ``MalformedReply`` with a short reason for anything unusable.
+        ``max_examples``: the most training photos a device can hold
+        (``data.photos_max``); a larger claim is not plausible."""
         content = reply.content
         if METRICS not in content:
             raise MalformedReply("no metrics record")
@@ -158,8 +169,8 @@ class TrainReport:
             sample_rate=_number(m, SAMPLE_RATE, high=1.0),
             photo_eps=_number(m, PHOTO_EPS),
             train_loss=float(loss) if isinstance(loss, int | float) else math.nan,
-            photos_used=_number(m, PHOTOS_USED, integer=True),
-            examples=_number(m, WEIGHT_KEY, integer=True),
+            photos_used=_number(m, PHOTOS_USED, integer=True, high=max_examples),
+            examples=_number(m, WEIGHT_KEY, integer=True, high=max_examples),
             consent=flags | counts, reason=reason,
             newer_state_round=None if newer is None else _number(m, NEWER_STATE_ROUND,
                                                                    integer=True),

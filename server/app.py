@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from fl import config as C
 from fl import protocol as P
 from fl.console import say
+from fl.faults import describe as describe_faults
 from fl.pretrain import load_checkpoint
 from fl.privacy.noise import SEEDED, SEEDED_CAVEAT
 from fl.privacy.plan import privacy_plan
@@ -37,6 +38,7 @@ from server.recorder import RoundRecorder
 from server.resume import resumed_config
 
 NOISE_TAG = "fedface.noise"  # privacy.noise of the run: secure | seeded
+FAULTS_TAG = "fedface.faults"  # simulated faulty devices: none | share=... kinds=...
 
 
 @dataclass
@@ -87,6 +89,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
         logger.set_tag("fedface.init", init_source(cfg, init_path))
         logger.set_tag(OBJECTIVE_TAG, C.objective_key(cfg))
         logger.set_tag(NOISE_TAG, plan.noise)
+        logger.set_tag(FAULTS_TAG, describe_faults(*C.fault_settings(cfg)))
         if plan.noise == SEEDED:
             log(f"privacy.noise=seeded: {SEEDED_CAVEAT}")
         log(f"MLflow run {logger.run_id} ({logger.uri})")
@@ -104,7 +107,8 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
         eval_devices=f.eval_devices, num_devices=f.num_devices, newuser_every=f.newuser_every,
         newuser_identities=f.newuser_identities, newuser_steps=f.newuser_steps,
         round_timeout=f.round_timeout, seed=cfg.seed, photo=plan.photo,
-        noise=plan.noise)
+        noise=plan.noise, start_quorum=f.start_quorum, unavailable_after=f.unavailable_after,
+        retry_after=f.retry_after, max_examples=spec.photos_max)
     progress = Progress(f.rounds)
     recorder = RoundRecorder(cfg, logger, task, spec, personal_init, progress, log)
     if resume is not None:
@@ -115,7 +119,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
                            int(cfg.strategy.max_examples))
     loop = RoundLoop(grid, strategy, release, task, spec, settings,
                      P.round_config(recipe, C.task_params(cfg), spec),
-                     personal_init, recorder, progress)
+                     personal_init, recorder, progress, log)
     try:
         result = loop.run(shared, resume.loop if resume else None)
         if result.stopped:

@@ -11,18 +11,25 @@ is on. Each round:
    (``fl.privacy.release``);
 2. sample the cohort from the whole fleet (``server.sampling``);
 3. send the training recipe, collect replies (``server.transport``);
-4. fold replies into the device records (``server.records``);
+4. validate the replies and fold them into the device records: the typed
+   reply, rejections, failures, availability (``server.records``);
 5. screen, aggregate, noise and count: the release (``fl.privacy.release``);
 6. persist the release before anything derived from it leaves the server
    (``recorder.released``): a replay of this round re-uses it;
 7. evaluate the released model on the fixed panel, the new-user check;
 8. checkpoint and log the round (``recorder.round_done``).
+
+Everything inside the loop is keyed by the device's stable index (0..N-1);
+Flower node ids appear only where messages go out and replies come in. A device
+absent from this session (it missed the roll call) keeps its index, record and
+place in the sampling: drawn, it simply sits the round out.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -32,6 +39,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl.config import ConfigError
+from fl.console import say
 from fl.data.fleet import FleetSpec
 from fl.privacy.noise import SEEDED
 from fl.privacy.plan import PhotoPlan
@@ -48,10 +56,11 @@ from server.records import (
     fold_train_reports,
     mean,
     newer_state,
+    note_availability,
     parse_train_replies,
     photo_metrics,
 )
-from server.roll_call import roll_call, wait_for_nodes
+from server.roll_call import quorum, roll_call, wait_for_nodes
 from server.sampling import CohortSampler
 from server.transport import SampledGrid, Transport
 
@@ -70,13 +79,17 @@ class LoopSettings:
     seed: int
     photo: PhotoPlan
     noise: str = SEEDED  # privacy.noise: also decides where the sampling seed comes from
+    start_quorum: float = 1.0  # share of the fleet that must answer the roll call
+    unavailable_after: int = 0  # misses in a row that pause a device (0: never)
+    retry_after: int = 1  # rounds a paused device is not sampled
+    max_examples: float = float("inf")  # most training photos a device can hold
 
 
 @dataclass
 class LoopResult:
     shared: dict[str, torch.Tensor]
     history: dict[int, dict[str, float]] = field(default_factory=dict)
-    devices: dict[int, DeviceRecord] = field(default_factory=dict)  # by node id
+    devices: dict[int, DeviceRecord] = field(default_factory=dict)  # by device index
     stopped: str = ""  # why the run ended early, if it did
 
 
@@ -96,8 +109,9 @@ class RoundLoop:
     def __init__(self, grid: Grid, strategy: Strategy, release: Release, task: Task,
                  spec: FleetSpec, settings: LoopSettings, round_config: ConfigRecord,
                  personal_init: dict[str, torch.Tensor], recorder: Recorder,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, log: Callable[[str], None] = say) -> None:
         self.grid, self.strategy, self.release, self.task = grid, strategy, release, task
+        self.log = log
         self.spec, self.s, self.config = spec, settings, round_config
         self.personal_init = personal_init
         self.recorder = recorder
@@ -116,13 +130,16 @@ class RoundLoop:
     def run(self, shared: dict[str, torch.Tensor], resume: LoopState | None = None) -> LoopResult:
         """Round 0 (evaluation before fine-tuning) and rounds 1..R, or, from a
         checkpoint's ``resume`` state, the rest of the run."""
-        index = roll_call(self.grid, wait_for_nodes(self.grid, self.s.num_devices),
-                          self.s.round_timeout)
-        self.index, fleet = index, list(index)  # node ids in device order
+        n = self.s.num_devices
+        needed = quorum(n, self.s.start_quorum)
+        call = roll_call(self.grid, wait_for_nodes(self.grid, n, needed), n, needed,
+                         self.s.round_timeout, self.log)
+        self.index = call.index  # node id -> device index, this session only
+        self.node_of = {device: node for node, device in call.index.items()}
         result = LoopResult(shared=dict(shared), devices={
-            node: DeviceRecord(f"device-{i:05d}") for node, i in index.items()})
+            i: DeviceRecord(f"device-{i:05d}") for i in range(n)})
         if resume is None:
-            panel, exhausted = self._panel(fleet), set()
+            panel, exhausted = self._panel(), set()
             metrics = self._evaluate(0, result.shared, panel) | self._newuser(result.shared)
             result.history[0] = metrics
             self.recorder.round_done(0, metrics, self._state(0, DONE, result, panel, exhausted))
@@ -138,12 +155,13 @@ class RoundLoop:
             if rnd == released_already:  # 6. persisted before the stop: never redrawn
                 metrics = dict(result.history[rnd])
             else:
-                eligible = [n for n in fleet
-                            if n not in exhausted and not result.devices[n].gone]
-                result.stopped = self._stop_reason(eligible)  # 1.
+                eligible = [d for d, record in result.devices.items()
+                            if d in self.node_of and d not in exhausted and not record.gone
+                            and record.available(rnd)]
+                result.stopped = self._stop_reason(eligible, result, exhausted)  # 1.
                 if result.stopped:
                     break
-                metrics = self._train_and_release(rnd, fleet, eligible, result, exhausted)
+                metrics = self._train_and_release(rnd, eligible, result, exhausted)
                 metrics[K.ROUND_SECONDS] = time.time() - start  # so far; evaluation adds
                 result.history[rnd] = dict(metrics)
                 self.recorder.released(rnd, self._state(rnd, RELEASED, result, panel, exhausted))
@@ -159,48 +177,56 @@ class RoundLoop:
                                      self._state(rnd, DONE, result, panel, exhausted))
         return result
 
-    def _panel(self, fleet: list[int]) -> list[int]:
-        """The fixed evaluation panel, always from the run's seed: the same users in
-        every run of a fleet, whatever the noise mode, so runs compare on the same
-        people (evaluation metrics are released without DP either way). Under
-        seeded noise it is the cohort sampler's first draw, as it always was."""
+    def _panel(self) -> list[int]:
+        """The fixed evaluation panel (device indices), always from the run's seed:
+        the same users in every run of a fleet, whatever the noise mode, so runs
+        compare on the same people (evaluation metrics are released without DP
+        either way). Under seeded noise it is the cohort sampler's first draw."""
         sampler = self.sampler if not self.secret_sampling else CohortSampler(
             self.s.sampling, self.s.devices_per_round, self.s.num_devices, self.s.seed)
-        return sorted(sampler.choose(fleet, self.s.eval_devices))
+        return sorted(sampler.choose(list(range(self.s.num_devices)), self.s.eval_devices))
 
-    def _stop_reason(self, eligible: list[int]) -> str:
+    def _stop_reason(self, eligible: list[int], result: LoopResult, exhausted: set[int]) -> str:
         if not eligible:
-            return ("no device can train: every device has spent its photo-level budget, "
-                    "deleted its data or was excluded")
+            records = result.devices.values()
+            return (f"no device can train: of {len(result.devices)} devices, "
+                    f"{len(exhausted)} spent their photo-level budget, "
+                    f"{sum(r.gone for r in records)} deleted their data or were excluded, "
+                    f"{len(result.devices) - len(self.node_of)} are absent from this session "
+                    "and the rest missed fleet.unavailable_after rounds in a row")
         return self.release.stop_reason()
 
-    def _train_and_release(self, rnd: int, fleet: list[int], eligible: list[int],
-                           result: LoopResult, exhausted: set[int]) -> dict[str, float]:
+    def _train_and_release(self, rnd: int, eligible: list[int], result: LoopResult,
+                           exhausted: set[int]) -> dict[str, float]:
         """Steps 2-5: sample, train, record, release. Returns the round's metrics."""
         start = time.time()
-        sampled = self.sampler.cohort(fleet, eligible)  # 2.
+        sampled = self.sampler.cohort(range(self.s.num_devices), eligible)  # 2.
         self.progress.round_started(rnd, len(sampled))
         replies = []
         if sampled:  # Poisson sampling may pick nobody; a strategy would wait for nodes
             replies = self.transport.send(self.strategy.configure_train(  # 3.
                 rnd, ArrayRecord(result.shared), ConfigRecord(dict(self.config)),
-                SampledGrid(self.grid, sampled)), "trained")
-        reports, failed, malformed = parse_train_replies(replies, sampled)  # 4.
+                SampledGrid(self.grid, [self.node_of[d] for d in sampled])), "trained")
+        reports, failed, malformed = self._parse(replies, sampled, result)  # 4.
         self._refuse_stale_checkpoint(rnd, result, reports)
         released = self.release.release(rnd, result.shared, [  # 5.
-            DeviceUpdate(node, report.arrays, report.examples, reply)
-            for node, (report, reply) in reports.items() if report.arrays is not None])
-        rejected = malformed | {node: f"rejected: {why}" for node, why in released.rejected.items()}
+            DeviceUpdate(device, report.arrays, report.examples, reply)
+            for device, (report, reply) in reports.items() if report.arrays is not None])
+        rejected = malformed | {d: f"rejected: {why}" for d, why in released.rejected.items()}
         losses, photos_used = fold_train_reports(result.devices, reports, failed | rejected,
                                                  exhausted)
+        self._note_availability(rnd, sampled, failed, result)
         result.shared = released.state
         train_seconds = time.time() - start
         metrics = {
             K.TRAIN_LOSS: mean(losses),
             K.DEVICES_SAMPLED: float(len(sampled)),
             K.DEVICES_TRAINED: float(len(released.accepted)),
-            K.DEVICES_FAILED: float(len(sampled) - len(reports) - len(malformed)),
+            K.DEVICES_FAILED: float(len(failed)),
             K.DEVICES_REJECTED: float(len(rejected)),
+            K.DEVICES_UNAVAILABLE: float(sum(not r.available(rnd + 1)
+                                             for r in result.devices.values())),
+            K.DEVICES_ABSENT: float(self.s.num_devices - len(self.node_of)),
             K.DEVICES_BUDGET_EXHAUSTED: float(len(exhausted)),
             K.CONSENT_PHOTOS_USED: float(photos_used),
             K.UPDATES_PER_SECOND: len(released.accepted) / max(train_seconds, 1e-9),
@@ -209,6 +235,27 @@ class RoundLoop:
             metrics |= photo_metrics(result.devices.values())
             metrics[K.PHOTO_DELTA] = self.s.photo.delta
         return metrics
+
+    def _parse(self, replies, sampled: list[int], result: LoopResult):
+        """Step 4's validation (``server.records.parse_train_replies``), keyed by
+        device index: (reports, failed, rejected)."""
+        node_of, device_of = self.node_of, self.index
+        parsed = parse_train_replies(replies, [node_of[d] for d in sampled],
+                                     {node_of[d]: result.devices[d] for d in sampled},
+                                     self.s.max_examples)
+        return tuple({device_of[node]: value for node, value in part.items()}
+                     for part in parsed)
+
+    def _note_availability(self, rnd: int, sampled: list[int], failed: dict[int, str],
+                           result: LoopResult) -> None:
+        after, pause = self.s.unavailable_after, self.s.retry_after
+        note_availability(result.devices, sampled, failed, rnd, after, pause)
+        for d in failed:
+            record = result.devices[d]
+            if after and record.unavailable_until == rnd + pause:
+                self.log(f"{record.device} missed {record.missed} rounds in a row "
+                         f"(fleet.unavailable_after={after}): not sampled again before round "
+                         f"{rnd + pause + 1}")
 
     def _refuse_stale_checkpoint(self, rnd: int, result: LoopResult, reports) -> None:
         """A device already trained a later round of this run: this checkpoint is
@@ -225,39 +272,39 @@ class RoundLoop:
 
     def _state(self, rnd: int, phase: str, result: LoopResult, panel: list[int],
                exhausted: set[int]) -> LoopState:
-        index = self.index
         return LoopState(
             round=rnd, phase=phase, shared=result.shared, history=result.history,
-            devices={index[node]: asdict(record) for node, record in result.devices.items()},
-            exhausted=sorted(index[n] for n in exhausted), panel=[index[n] for n in panel],
+            devices={d: asdict(record) for d, record in result.devices.items()},
+            exhausted=sorted(exhausted), panel=list(panel),
             release=self.release.state_dict(),
             rng={} if self.secret_sampling else self.sampler.state(),
             strategy=strategy_state(self.strategy))
 
     def _restore(self, state: LoopState, result: LoopResult) -> tuple[list[int], set[int]]:
-        """Put the loop back where ``state`` left it; this session's node ids
-        replace the old session's through the devices' stable indices."""
-        node_of = {device: node for node, device in self.index.items()}
-        unknown = sorted(set(state.devices) - set(node_of))
-        if unknown:
-            raise RuntimeError(f"the checkpoint has devices {unknown[:5]} that are not in this "
-                               "fleet; resume with the same fleet the run started with")
+        """Put the loop back where ``state`` left it. Records are by device index,
+        so devices absent from this session keep theirs (and are not sampled),
+        and devices new to it start with a fresh one."""
+        outside = sorted(d for d in state.devices if not 0 <= int(d) < self.s.num_devices)
+        if outside:
+            raise ConfigError(f"the checkpoint has devices {outside[:5]} outside this fleet of "
+                              f"fleet.num_devices={self.s.num_devices}; it is not this run's")
         result.shared = dict(state.shared)
         result.history = {int(r): dict(m) for r, m in state.history.items()}
-        result.devices = {node_of[d]: DeviceRecord(**fields) for d, fields in state.devices.items()}
+        result.devices |= {int(d): DeviceRecord(**fields) for d, fields in state.devices.items()}
         self.release.load_state_dict(state.release)
         if state.rng:
             self.sampler.restore(state.rng)
         restore_strategy(self.strategy, state.strategy)
-        return [node_of[d] for d in state.panel], {node_of[d] for d in state.exhausted}
+        return [int(d) for d in state.panel], {int(d) for d in state.exhausted}
 
     def _evaluate(self, rnd: int, shared: dict[str, torch.Tensor],
                   panel: list[int]) -> dict[str, float]:
-        if not panel:
+        nodes = [self.node_of[d] for d in panel if d in self.node_of]
+        if not nodes:
             return {}
         return fold_evaluate_replies(self.transport.send(self.strategy.configure_evaluate(
             rnd, ArrayRecord(shared), ConfigRecord(dict(self.config)),
-            SampledGrid(self.grid, panel)), "evaluated"), panel)
+            SampledGrid(self.grid, nodes)), "evaluated"), nodes)
 
     def _newuser(self, shared: dict[str, torch.Tensor]) -> dict[str, float]:
         if self.s.newuser_identities <= 0:

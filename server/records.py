@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 
 from fl import protocol as P
 from fl.tracking import keys as K
@@ -37,10 +38,28 @@ class DeviceRecord:
     opted_out: bool = False  # deleted its data, or no photo consented for training
     deleted: bool = False  # the user deleted their data: never sampled again
     excluded: bool = False  # too few usable photos: never sampled again
+    # Availability: rounds missed in a row (error, crash, timeout), and the last
+    # round of a pause after ``fleet.unavailable_after`` misses (0: available).
+    missed: int = 0
+    unavailable_until: int = 0
 
     @property
     def gone(self) -> bool:
         return self.deleted or self.excluded
+
+    def available(self, rnd: int) -> bool:
+        return rnd > self.unavailable_until
+
+    def answered(self) -> None:
+        self.missed = 0
+
+    def miss(self, rnd: int, after: int, pause: int) -> None:
+        """One more round without an answer; ``after`` in a row pauses sampling
+        this device for ``pause`` rounds (``after`` = 0: never). A device back from
+        a pause that misses again is paused again at once."""
+        self.missed += 1
+        if after > 0 and self.missed >= after:
+            self.unavailable_until = rnd + pause
 
     def note(self, m, reason: str) -> None:
         """Fold a reply's consent and data report into the record."""
@@ -77,14 +96,17 @@ def mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def parse_train_replies(replies: list[Message], sampled: Collection[int]
+def parse_train_replies(replies: list[Message], sampled: Collection[int],
+                        records: dict[int, DeviceRecord], max_examples: float = math.inf
                         ) -> tuple[dict[int, tuple[P.TrainReport, Message]], dict[int, str],
                                    dict[int, str]]:
     """Typed reports of the devices asked this round; the devices whose reply was an
     error (failed); and those whose reply failed validation (rejected, with why).
 
     Replies from devices not asked, and second replies, are dropped: input from a
-    device is untrusted."""
+    device is untrusted. A ledger that went backwards (fewer participations or
+    DP-SGD steps than the device reported before) is rejected: a device's ledger
+    never rolls back (``clients.device_state``), so the reply is not its own."""
     reports, failed, rejected = {}, {}, {}
     asked = set(sampled)
     for reply in replies:
@@ -92,13 +114,54 @@ def parse_train_replies(replies: list[Message], sampled: Collection[int]
         if node not in asked or node in reports or node in failed or node in rejected:
             continue
         if reply.has_error():
-            failed[node] = "failed"
+            failed[node] = "failed: " + _error_reason(reply)
             continue
         try:
-            reports[node] = (P.TrainReport.from_message(reply), reply)
+            report = P.TrainReport.from_message(reply, max_examples)
+            _check_ledger_forward(records[node], report)
         except P.MalformedReply as err:
             rejected[node] = f"rejected: malformed reply ({err})"
+            continue
+        reports[node] = (report, reply)
+    for node in asked - set(reports) - set(failed) - set(rejected):
+        failed[node] = "failed: no reply within fleet.round_timeout"
     return reports, failed, rejected
+
+
+def _error_reason(reply: Message) -> str:
+    """What kind of error a device's reply reports. Only Flower's error code is
+    kept: the error's text is the device's exception message, which may name its
+    files (the server keeps no file names, paths or photo ids)."""
+    code = int(getattr(reply.error, "code", ErrorCode.UNKNOWN))
+    return ERROR_KINDS.get(code, f"error code {code}")
+
+
+ERROR_KINDS = {
+    ErrorCode.LOAD_CLIENT_APP_EXCEPTION: "the device could not load its ClientApp",
+    ErrorCode.CLIENT_APP_RAISED_EXCEPTION: "the device's ClientApp raised an exception",
+    ErrorCode.CLIENT_APP_CRASHED: "the device's ClientApp crashed",
+    ErrorCode.NODE_UNAVAILABLE: "the device went offline",
+    ErrorCode.MESSAGE_UNAVAILABLE: "the message did not reach the device",
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "the reply was lost",
+}
+
+
+def _check_ledger_forward(record: DeviceRecord, report: P.TrainReport) -> None:
+    if report.participations < record.participations or report.ledger_steps < record.steps:
+        raise P.MalformedReply(
+            f"ledger went backwards ({report.participations} participations, "
+            f"{report.ledger_steps} steps after {record.participations}, {record.steps})")
+
+
+def note_availability(records: dict[int, DeviceRecord], sampled: Collection[int],
+                      failed: Collection[int], rnd: int, after: int, pause: int) -> None:
+    """Devices that did not answer missed the round; every other sampled device
+    answered (even a rejected or refusing reply is an answer)."""
+    for node in sampled:
+        if node in failed:
+            records[node].miss(rnd, after, pause)
+        else:
+            records[node].answered()
 
 
 def fold_train_reports(records: dict[int, DeviceRecord],

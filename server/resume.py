@@ -9,12 +9,15 @@ mid-run would change the privacy accounting under the devices' feet.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import mlflow
+from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fl.config import ConfigError, validate_strategy
+from fl.tracking import keys as K
 from fl.tracking.mlflow_run import quiet_mlflow, tracking_uri
 from server.checkpoint import ARTIFACT_PATH, CHECKPOINT_FILE, Checkpoint, load_checkpoint
 
@@ -86,6 +89,47 @@ def refuse_older(cfg: DictConfig, path: Path, checkpoint: Checkpoint) -> None:
             f"Resume from the newest checkpoint: resume={checkpoint.run_id} (it is {newest})")
 
 
+# Counters a checkpoint carries that the run's MLflow history also holds, per round.
+COUNTERS = (K.DEVICES_SAMPLED, K.DEVICES_TRAINED, K.USER_EPS)
+
+
+def check_history(cfg: DictConfig, checkpoint: Checkpoint) -> None:
+    """Refuse a checkpoint whose counters disagree with the run's MLflow history.
+
+    The user-level budget is the count of released rounds (``release.released``)
+    and the history the accountant's values came from; a checkpoint edited to
+    count fewer would let a resume spend the budget again. MLflow logged every
+    completed round, so the checkpoint must know at least those rounds, count one
+    release per round, and hold the same values for them."""
+    loop = checkpoint.loop
+    released = int(loop.release.get("released", -1))
+    problems = []
+    if released != loop.round:
+        problems.append(f"it counts {released} released rounds after round {loop.round}")
+    client = MlflowClient(tracking_uri(cfg))
+    try:
+        logged = {key: client.get_metric_history(checkpoint.run_id, key) for key in COUNTERS}
+    except Exception:  # noqa: BLE001 - no such run in this store: the resume says so
+        logged = {}
+    last = max((m.step for series in logged.values() for m in series), default=0)
+    if last > loop.round:
+        problems.append(f"MLflow logged round {last}, after its round {loop.round}")
+    for key, series in logged.items():
+        for metric in series:
+            kept = loop.history.get(metric.step, {}).get(key)
+            if metric.step <= loop.round and (kept is None or not math.isclose(
+                    float(kept), metric.value, rel_tol=1e-9, abs_tol=1e-12)):
+                problems.append(f"its {key} of round {metric.step} is {kept}, MLflow "
+                                f"logged {metric.value}")
+                break
+    if problems:
+        raise ConfigError(
+            f"resume={cfg.resume!r}: the checkpoint of run {checkpoint.run_id} disagrees with "
+            f"the run's MLflow history: {'; '.join(problems)}. It was edited or belongs to "
+            "another run; resuming from it could spend the privacy budget again. Resume from "
+            "the run's own newest checkpoint.")
+
+
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Checkpoint]:
     """The checkpoint's configuration with the allowed ``overrides`` applied."""
     try:
@@ -96,6 +140,7 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, C
     except ValueError as err:  # a file that is not a fedface checkpoint
         raise ConfigError(f"resume={cfg.resume!r}: {err}") from None
     refuse_older(cfg, path, checkpoint)
+    check_history(cfg, checkpoint)
     refused = [o for o in overrides if _key(o) not in RESUMABLE]
     if refused:
         raise ConfigError(

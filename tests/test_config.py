@@ -25,10 +25,35 @@ def test_default_config_is_valid_and_flattens_to_params():
     ("privacy.photo.accountant=gdp", "privacy.photo.accountant"),
     ("local.batch_size=0", "local.batch_size"),
     ("tracking.samples_every=-1", "tracking.samples_every"),
+    # Wrong types and ranges fail at validation, naming the key, not deep in a run.
+    ("fleet.rounds=abc", "fleet.rounds"),
+    ("fleet.rounds=2.5", "fleet.rounds"),
+    ("fleet.round_timeout=0", "fleet.round_timeout"),
+    ("fleet.round_timeout=-5", "fleet.round_timeout"),
+    ("fleet.devices_per_round=2.5", "fleet.devices_per_round"),
+    ("fleet.start_quorum=0", "fleet.start_quorum"),
+    ("fleet.start_quorum=1.5", "fleet.start_quorum"),
+    ("fleet.retry_after=0", "fleet.retry_after"),
+    ("local.epochs=nan", "local.epochs"),
+    ("local.lr_shared=true", "local.lr_shared"),
+    ("privacy.photo.max_grad_norm=inf", "privacy.photo.max_grad_norm"),
+    ("privacy.user.clip=inf", "privacy.user.clip"),
+    ("seed=abc", "seed"),
+    ("faults.share=0.3", "faults.kinds"),
+    ("faults.kinds=[nan]", "faults.share"),
+    ("faults.share=1.5", "faults.share"),
+    ("faults=all faults.kinds=[nan,bogus]", "faults.kinds"),
 ])
 def test_invalid_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(compose([override]))
+        validate(compose(override.split()))
+
+
+def test_faults_are_for_simulated_fleets_only():
+    validate(compose(["faults=all"]))
+    with pytest.raises(ConfigError, match="faults.kinds.*data=device"):
+        validate(compose(["faults=all", "data=device", "privacy.noise=secure",
+                          "devices.consent_default=deny"]))
 
 
 def test_delta_must_be_below_one_over_photos():

@@ -22,6 +22,14 @@ GOOD = {P.TRAINED: 1, P.BUDGET_EXHAUSTED: 0, P.PARTICIPATIONS: 2, P.LEDGER_STEPS
         P.PHOTOS_WITHDRAWN: 1}
 
 
+def _records(*nodes: int) -> dict[int, DeviceRecord]:
+    return {n: DeviceRecord(f"device-{n:05d}") for n in nodes}
+
+
+def _parse(replies, sampled, records=None):
+    return parse_train_replies(replies, sampled, records or _records(*sampled), max_examples=40)
+
+
 def _reply(node: int, **metrics):
     reply = train_reply(node, {"w": torch.zeros(2)}, examples=12)
     for key, value in (GOOD | metrics).items():
@@ -47,24 +55,27 @@ def test_a_well_formed_reply_is_typed():
     ({P.TRAINED: 7}, "outside"),
     ({P.DELETED: 3}, "outside"),
     ({P.NEWER_STATE_ROUND: math.nan}, "outside"),
+    ({P.WEIGHT_KEY: 10**9}, "outside"),  # more photos than any device holds (photos_max)
+    ({P.PHOTOS_USED: 41}, "outside"),
 ])
 def test_a_malformed_reply_fails_that_device_with_a_reason(metrics, reason):
-    reports, failed, rejected = parse_train_replies([_reply(1), _reply(2, **metrics)],
-                                                    sampled=[1, 2])
+    reports, failed, rejected = _parse([_reply(1), _reply(2, **metrics)], [1, 2])
     assert list(reports) == [1] and failed == {}
     assert rejected[2].startswith("rejected: malformed reply") and reason in rejected[2]
 
 
 def test_replies_from_devices_not_asked_and_second_replies_are_dropped():
     reports, failed, rejected = parse_train_replies(
-        [_reply(1), _reply(1, **{P.PHOTO_EPS: 9.0}), _reply(99)], sampled=[1])
+        [_reply(1), _reply(1, **{P.PHOTO_EPS: 9.0}), _reply(99)], sampled=[1],
+        records=_records(1))
     assert list(reports) == [1] and reports[1][0].photo_eps == 1.5
     assert failed == {} and rejected == {}
 
 
 def test_a_rejected_update_adds_no_loss_or_photos_but_keeps_its_ledger_row():
     records = {1: DeviceRecord("device-00001"), 2: DeviceRecord("device-00002")}
-    reports, _, _ = parse_train_replies([_reply(1), _reply(2, **{P.TRAIN_LOSS: 5.0})], [1, 2])
+    reports, _, _ = parse_train_replies([_reply(1), _reply(2, **{P.TRAIN_LOSS: 5.0})], [1, 2],
+                                        records)
     losses, photos = fold_train_reports(records, reports, {2: "rejected: update ..."}, set())
     assert losses == [0.1] and photos == 12
     assert records[2].status == "rejected: update ..." and records[2].epsilon == 1.5
@@ -73,5 +84,48 @@ def test_a_rejected_update_adds_no_loss_or_photos_but_keeps_its_ledger_row():
 def test_only_a_plausible_later_round_stops_the_run():
     records = {1: DeviceRecord("device-00001")}
     for later, expected in [(10**9, ""), (3, ""), (4, "device-00001")]:
-        reports, _, _ = parse_train_replies([_reply(1, **{P.NEWER_STATE_ROUND: later})], [1])
+        reports, _, _ = parse_train_replies([_reply(1, **{P.NEWER_STATE_ROUND: later})], [1],
+                                            records)
         assert newer_state(records, reports, rnd=3, rounds=20)[0] == expected
+
+
+def test_a_ledger_that_goes_backwards_is_rejected():
+    records = _records(1)
+    records[1].participations, records[1].steps = 3, 30
+    for metrics in ({P.PARTICIPATIONS: 2}, {P.LEDGER_STEPS: 29}):
+        reports, _, rejected = _parse([_reply(1, **metrics)], [1], records)
+        assert reports == {} and "went backwards" in rejected[1]
+    reports, _, rejected = _parse([_reply(1, **{P.PARTICIPATIONS: 3, P.LEDGER_STEPS: 30})],
+                                  [1], records)
+    assert list(reports) == [1] and rejected == {}
+
+
+def test_silent_and_erring_devices_fail_without_their_error_text():
+    """An error reply's text is the device's exception message, which may name its
+    files: the server keeps only what kind of error it was."""
+    from flwr.app import Error, Message, Metadata
+    from flwr.common.constant import ErrorCode
+
+    meta = Metadata(run_id=1, message_id="e", src_node_id=2, dst_node_id=0,
+                    reply_to_message_id="m", group_id="1", created_at=0.0, ttl=60.0,
+                    message_type="train")
+    error = Message(metadata=meta, error=Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                               "FileNotFoundError: /home/ann/Ann_Lee_0001.jpg"))
+    reports, failed, rejected = _parse([_reply(1), error], [1, 2, 3])
+    assert list(reports) == [1] and rejected == {}
+    assert failed == {2: "failed: the device's ClientApp raised an exception",
+                      3: "failed: no reply within fleet.round_timeout"}
+
+
+def test_a_device_that_misses_rounds_in_a_row_is_paused_then_tried_again():
+    from server.records import note_availability
+
+    records = _records(1, 2)
+    for rnd in (1, 2):
+        note_availability(records, [1, 2], {2: "failed"}, rnd, after=2, pause=5)
+    assert records[1].available(3) and not records[2].available(3)
+    assert not records[2].available(7) and records[2].available(8)
+    note_availability(records, [2], {2: "failed"}, 8, after=2, pause=5)  # missed again
+    assert not records[2].available(9)
+    note_availability(records, [2], {}, 14, after=2, pause=5)  # answered: counts from 0
+    assert records[2].missed == 0

@@ -129,7 +129,8 @@ def test_a_checkpoint_older_than_the_runs_newest_is_refused_with_the_one_to_use(
     old = load_checkpoint(_checkpoint(tmp_path, cfg))
     newest = tmp_path / "checkpoints" / old.run_id / "last.pt"
     save_checkpoint(newest, dataclasses.replace(
-        old, loop=dataclasses.replace(old.loop, round=2, phase="released")))
+        old, loop=dataclasses.replace(old.loop, round=2, phase="released",
+                                      release={"released": 2})))
     args = [f"resume={tmp_path / 'last.pt'}", f"checkpoint.dir={tmp_path / 'checkpoints'}",
             f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
     with pytest.raises(ConfigError, match=r"already reached round 2 \(released\).*"
@@ -158,3 +159,38 @@ def test_a_checkpoint_whose_config_would_run_code_is_refused(tmp_path):
         with pytest.raises(ConfigError, match="_target_"):
             resumed_config(compose(args), args)
     assert not pwned.exists()
+
+
+def test_a_checkpoint_that_disagrees_with_the_runs_mlflow_history_is_refused(tmp_path):
+    """An edited checkpoint that counts fewer released rounds, or lower epsilons,
+    would let a resume spend the user-level budget again: the run's MLflow
+    history (one entry per completed round) gives it away."""
+    import dataclasses
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = compose([f"checkpoint.dir={tmp_path / 'checkpoints'}", f"tracking.uri={uri}"])
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    history = {r: {K.DEVICES_SAMPLED: 10.0, K.DEVICES_TRAINED: 9.0, K.USER_EPS: 0.5 * r}
+               for r in (1, 2, 3)}
+    for r, metrics in history.items():
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value, step=r)
+    honest = dataclasses.replace(load_checkpoint(_checkpoint(tmp_path, cfg)), run_id=run_id)
+    honest.loop = dataclasses.replace(honest.loop, round=3, release={"released": 3},
+                                      history={0: {}, **history})
+    edits = {
+        "counts 0 released rounds": {"release": {"released": 0}},
+        "MLflow logged round 3, after its round 1": {
+            "round": 1, "release": {"released": 1}, "history": {0: {}, 1: history[1]}},
+        "of round 3 is 0.0, MLflow logged 1.5": {
+            "history": {0: {}, **history, 3: history[3] | {K.USER_EPS: 0.0}}},
+    }
+    args = [f"checkpoint.dir={tmp_path / 'checkpoints'}", f"tracking.uri={uri}"]
+    for problem, change in edits.items():
+        edited = dataclasses.replace(honest, loop=dataclasses.replace(honest.loop, **change))
+        path = save_checkpoint(tmp_path / "edited.pt", edited)
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            resumed_config(compose([f"resume={path}", *args]), [f"resume={path}", *args])
+    path = save_checkpoint(tmp_path / "honest.pt", honest)
+    resumed_config(compose([f"resume={path}", *args]), [f"resume={path}", *args])
