@@ -1,4 +1,5 @@
-"""A real deployment on localhost: TLS SuperLink, authenticated SuperNodes, ``flwr run``.
+"""A real deployment on localhost: TLS SuperLink, authenticated SuperNodes, ``flwr run``,
+and a control API that only its operator can reach.
 
     python -m experiments.deploy_demo [hydra overrides]      (or: make deploy-demo)
 
@@ -9,15 +10,21 @@ Everything Flower's deployment engine needs, started and stopped by this command
 2. three devices, each with its own data directory (its owner's photos, written
    from SynthFaces, and a consent manifest granting them) and its own state
    directory (personal weights and photo-level ledger);
-3. a SuperLink with TLS and SuperNode authentication on, the three public keys
-   registered with ``flwr supernode register``, and three SuperNodes started with
+3. a SuperLink with TLS and SuperNode authentication on, bound to loopback only:
+   its Control API (``flwr``) and Runtime API are the operator's; in front of it the
+   fleet gateway (``fl.deploy.gateway``), the only port devices dial, which passes
+   Flower's Fleet API and nothing else;
+4. the three public keys registered with ``flwr supernode register`` (by the
+   operator, on loopback), and three SuperNodes started against the gateway with
    ``--node-config "partition-id=<i> data-dir=<...> state-dir=<...>"``;
-4. a short experiment (``data=device``) with ``flwr run`` against that SuperLink;
-5. every process it started is stopped by process id, and the MLflow run printed.
+5. a stranger holding the CA certificate tries, through the gateway, to register a
+   key, list runs and start a run: each must be refused, or the demo stops;
+6. a short experiment (``data=device``) with ``flwr run`` against the SuperLink;
+7. every process it started is stopped by process id, and the MLflow run printed.
 
 Its working directory is ``.fedface-deploy/`` (``FEDFACE_DEPLOY_DIR`` to move it),
-with the Flower home, logs and the devices' directories. docs/deployment.md walks
-through the same steps on several machines.
+with the Flower homes (the operator's, the stranger's), logs and the devices'
+directories. docs/deployment.md walks through the same steps on several machines.
 """
 
 from __future__ import annotations
@@ -68,16 +75,24 @@ def wait_for_port(port: int, timeout: float = 60.0) -> None:
 
 @dataclass
 class Deployment:
-    """The processes of a local deployment; ``stop()`` ends exactly these."""
+    """The processes of a local deployment; ``stop()`` ends exactly these.
+
+    The SuperLink listens on ``127.0.0.1:superlink_port`` only (Control, Runtime and
+    Fleet API: the operator's); devices dial the fleet gateway on ``gateway_port``."""
 
     work: Path
     env: dict[str, str]
-    port: int = field(default_factory=free_port)
+    superlink_port: int = field(default_factory=free_port)
+    gateway_port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
     def certs(self) -> Path:
         return self.work / "certs"
+
+    @property
+    def fleet_address(self) -> str:
+        return f"127.0.0.1:{self.gateway_port}"
 
     def start(self, name: str, command: list[str]) -> subprocess.Popen:
         """A process in its own session (its children can be stopped with it)."""
@@ -92,12 +107,25 @@ class Deployment:
         self.start("superlink", [
             "flower-superlink", "--ssl-ca-certfile", str(c / "ca.crt"),
             "--ssl-certfile", str(c / "server.pem"), "--ssl-keyfile", str(c / "server.key"),
-            "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(self.port),
+            "--enable-supernode-auth",
+            # Loopback only: Flower serves Control, Runtime and Fleet on this one port.
+            "--host", "127.0.0.1", "--port", str(self.superlink_port),
             # The apps run in this environment: no per-run installs (torch from an
             # unpinned resolver would be gigabytes of CUDA wheels).
             "--disable-runtime-dependency-installation",
             "--database", str(self.work / "superlink.db")])
-        wait_for_port(self.port)
+        self.start_gateway()
+        wait_for_port(self.superlink_port)
+        wait_for_port(self.gateway_port)
+
+    def start_gateway(self) -> None:
+        """The fleet gateway: the devices' port, passing only Flower's Fleet API."""
+        c = self.certs
+        self.start("gateway", [
+            sys.executable, "-m", "fl.deploy.gateway", "--host", "127.0.0.1",
+            "--port", str(self.gateway_port), "--superlink", f"127.0.0.1:{self.superlink_port}",
+            "--ssl-certfile", str(c / "server.pem"), "--ssl-keyfile", str(c / "server.key"),
+            "--ssl-ca-certfile", str(c / "ca.crt")])
 
     def register(self, name: str) -> None:
         done = subprocess.run(["flwr", "supernode", "register", str(self.certs / f"{name}.pub"),
@@ -110,12 +138,11 @@ class Deployment:
                         key: str | None = None, ca: bool = True,
                         retries: int | None = None) -> subprocess.Popen:
         key = key or name
-        command = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
+        command = ["flower-supernode", "--superlink", self.fleet_address,
                    "--auth-supernode-private-key", str(self.certs / f"{key}.key"),
-                   "--auth-supernode-public-key", str(self.certs / f"{key}.pub"),
                    "--node-config",
                    f'partition-id={index} data-dir="{data_dir}" state-dir="{state_dir}"',
-                   "--port", str(free_port())]
+                   "--host", "127.0.0.1", "--port", str(free_port())]
         if ca:
             command += ["--root-certificates", str(self.certs / "ca.crt")]
         if retries is not None:
@@ -137,6 +164,29 @@ class Deployment:
                     proc.wait()
             stopped.append(proc.pid)
         return stopped
+
+
+STRANGER_ATTEMPTS = {  # what a stranger tries, and the Control API route it needs
+    "register a node": ("/v1/control/register-node", ["supernode", "register", "{pub}"]),
+    "list runs": ("/v1/control/list-runs", ["ls"]),
+    "start a run": ("/v1/control/start-run", ["run", str(REPO)]),
+}
+
+
+def stranger_attempts(deployment: Deployment) -> dict[str, subprocess.CompletedProcess]:
+    """A party with the CA certificate (and a key pair of its own) but no login on the
+    SuperLink host points ``flwr`` at the only port it can reach, the devices' one,
+    and tries each of ``STRANGER_ATTEMPTS``. Its own FLWR_HOME; nothing left running."""
+    home, name = deployment.work / "stranger-home", "stranger"
+    make_node_keys(deployment.certs, name)
+    write_connection(home, deployment.fleet_address, deployment.certs / "ca.crt", name)
+    env = dict(deployment.env, FLWR_HOME=str(home))
+    results = {}
+    for what, (_, args) in STRANGER_ATTEMPTS.items():
+        args = [a.format(pub=deployment.certs / f"{name}.pub") for a in args]
+        results[what] = subprocess.run(["flwr", *args, name], env=env, capture_output=True,
+                                       text=True, timeout=120, check=False)
+    return results
 
 
 def prepare(work: Path, photos: int = 14) -> list[tuple[str, Path, Path]]:
@@ -163,11 +213,11 @@ def prepare(work: Path, photos: int = 14) -> list[tuple[str, Path, Path]]:
     return devices
 
 
-def write_connection(home: Path, port: int, ca: Path) -> None:
+def write_connection(home: Path, address: str, ca: Path, name: str = CONNECTION) -> None:
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\nroot-certificates = "{ca}"\n', encoding="utf-8")
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
+        f'address = "{address}"\nroot-certificates = "{ca}"\n', encoding="utf-8")
 
 
 def main(overrides: list[str]) -> int:
@@ -177,14 +227,22 @@ def main(overrides: list[str]) -> int:
                             *overrides])
     home = work / "flwr-home"
     deployment = Deployment(work, flwr_env(home))
-    write_connection(home, deployment.port, deployment.certs / "ca.crt")
+    write_connection(home, f"127.0.0.1:{deployment.superlink_port}",
+                     deployment.certs / "ca.crt")
     try:
         deployment.start_superlink()
         for i, (name, data_dir, state_dir) in enumerate(devices):
             deployment.register(name)
             deployment.start_supernode(name, i, data_dir, state_dir)
-        say(f"SuperLink (TLS, SuperNode authentication) on 127.0.0.1:{deployment.port}, "
-            f"{len(devices)} SuperNodes; logs in {work / 'logs'}")
+        say(f"SuperLink (TLS, SuperNode authentication) on 127.0.0.1:"
+            f"{deployment.superlink_port} only; fleet gateway for devices on "
+            f"{deployment.fleet_address}; {len(devices)} SuperNodes; logs in {work / 'logs'}")
+        for what, done in stranger_attempts(deployment).items():
+            reason = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["?"]
+            if done.returncode == 0:
+                raise RuntimeError(f"a stranger could {what} through the fleet port: "
+                                   f"{done.stdout}")
+            say(f"a stranger with ca.crt, via the fleet port, tried to {what}: {reason[0]}")
         code = subprocess.run(flwr_run_command(CONNECTION, pinned), env=deployment.env,
                               cwd=REPO, check=False).returncode
     finally:

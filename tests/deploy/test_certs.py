@@ -46,4 +46,7 @@ def test_make_certs_command_writes_everything_a_deployment_needs(tmp_path):
                      "device-00000.pub", "device-00001.key", "device-00001.pub"}
     server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["link.example.org"]
+    # the gateway and the operator reach the loopback-only SuperLink as localhost
+    assert san.get_values_for_type(x509.DNSName) == ["link.example.org", "localhost"]
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5",
+                                                                         "127.0.0.1"]

@@ -1,32 +1,42 @@
-"""A real deployment on localhost: TLS SuperLink with SuperNode authentication,
-three registered SuperNodes over their own data and state directories, ``flwr run``.
+"""A real deployment on localhost: TLS SuperLink with SuperNode authentication bound
+to loopback, the fleet gateway in front of it, three registered SuperNodes over their
+own data and state directories, ``flwr run``.
 
 One deployment serves every check (each SuperNode start costs seconds): the run
-completes with the same MLflow keys as a simulation of the same photos; a SuperNode
-with an unregistered key and one without the CA certificate are refused; a
-SuperNode killed mid-run is counted in ``fleet/devices_failed`` and the run goes
-on; the photo-level ledgers are on the devices' disks; nothing is left running.
+completes with the same MLflow keys as a simulation of the same photos; while it
+trains, a stranger holding the CA certificate tries to register a node, list runs and
+start a run through the only port devices dial, and is refused by the gateway (the
+operator, on loopback, lists the run); a SuperNode with an unregistered key and one
+without the CA certificate are refused; a SuperNode killed mid-run is counted in
+``fleet/devices_failed`` and the run goes on; the photo-level ledgers are on the
+devices' disks; nothing is left running.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import mlflow
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from clients.device_state import DeviceStore
 from experiments.deploy_demo import (
     CONNECTION,
     DEMO_OVERRIDES,
+    STRANGER_ATTEMPTS,
     Deployment,
     prepare,
+    stranger_attempts,
     write_connection,
 )
 from experiments.flwr_local import REPO, flwr_env, flwr_run_command, run_overrides
 from fl.config import compose
+from fl.deploy.gateway import REFUSED
 from fl.tracking import keys as K
 from server.simulation import simulate
 
@@ -41,6 +51,52 @@ def _metric_steps(client, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
+def _listening(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp* write them) listening on ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.rpartition(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+def _probe_runtime(deployment: Deployment) -> tuple[int, str]:
+    """The ServerApp's Runtime API (unauthenticated in Flower's subprocess isolation)."""
+    reply = httpx.post(f"https://{deployment.fleet_address}/v1/runtime/acquire-task",
+                       content=b"", headers={"content-type": "application/protobuf"},
+                       verify=str(deployment.certs / "ca.crt"))
+    return reply.status_code, reply.text
+
+
+def _fleet_register(deployment: Deployment, key: str) -> tuple[int, str]:
+    """Self-registration of a new key on the Fleet API, which the gateway passes."""
+    from flwr.proto.fleet_pb2 import RegisterNodeFleetRequest
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    private = serialization.load_ssh_private_key(
+        (deployment.certs / f"{key}.key").read_bytes(), None)
+    client = FleetHttpClient.from_server_address(
+        deployment.fleet_address, insecure=False,
+        root_certificates=str(deployment.certs / "ca.crt"),
+        interceptors=[NodeAuthHttpInterceptor(private, private.public_key())])
+    try:
+        client.RegisterNode(RegisterNodeFleetRequest(
+            public_key=public_key_to_bytes(private.public_key())))
+    except httpx.HTTPStatusError as err:
+        return err.response.status_code, err.response.text
+    return 200, "registered"
+
+
+def _flat(text: str) -> str:
+    """CLI output without the box drawing and line wrapping of its error panel."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
 @pytest.fixture(scope="module")
 def deployment_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("deploy")
@@ -52,7 +108,8 @@ def deployment_run(tmp_path_factory):
                                f"pretrain.cache_dir={work / 'cache'}",
                                f"checkpoint.dir={work / 'checkpoints'}"])
     deployment = Deployment(work / "fleet", flwr_env(home))
-    write_connection(home, deployment.port, deployment.certs / "ca.crt")
+    write_connection(home, f"127.0.0.1:{deployment.superlink_port}",
+                     deployment.certs / "ca.crt")
     result = {"devices": devices, "uri": uri}
     try:
         deployment.start_superlink()
@@ -67,6 +124,15 @@ def deployment_run(tmp_path_factory):
         run = subprocess.Popen(flwr_run_command(CONNECTION, overrides), env=deployment.env,
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
+        # While the devices train: what a stranger can do from the devices' side, and
+        # what the operator can do on loopback.
+        result["stranger"] = stranger_attempts(deployment)
+        result["runtime"] = _probe_runtime(deployment)
+        result["fleet_register"] = _fleet_register(deployment, "stranger")
+        result["listening"] = {"superlink": _listening(deployment.superlink_port),
+                               "gateway": _listening(deployment.gateway_port)}
+        result["operator_ls"] = subprocess.run(["flwr", "ls", CONNECTION], env=deployment.env,
+                                               capture_output=True, text=True, check=False)
         # Kill device 2's SuperNode once round 1's results are in MLflow.
         client, deadline = mlflow.MlflowClient(uri), time.time() + 600
         while time.time() < deadline and run.poll() is None:
@@ -85,6 +151,7 @@ def deployment_run(tmp_path_factory):
         result["no_ca"] = (no_ca.wait(120), (work / "fleet/logs/no-ca.log").read_text())
     finally:
         result["stopped"] = deployment.stop()
+        result["gateway_log"] = (work / "fleet/logs/gateway.log").read_text()
     return result
 
 
@@ -111,6 +178,29 @@ def test_the_deployed_run_completes_with_the_simulation_metric_keys(deployment_r
     simulated = mlflow.MlflowClient(sim_uri).get_run(summary.run_id).data.metrics
     assert set(run.data.metrics) == set(simulated)
     assert _metric_steps(client, run.info.run_id, K.DEVICES_TRAINED)[1] == 3
+
+
+def test_a_stranger_with_the_ca_certificate_cannot_steer_the_deployment(deployment_run):
+    r = deployment_run
+    # The SuperLink (Control, Runtime and Fleet API on one port) listens on loopback
+    # only; the devices' port is the gateway's.
+    assert r["listening"]["superlink"] == {"0100007F"}
+    assert r["listening"]["gateway"]
+    for what, (route, _) in STRANGER_ATTEMPTS.items():
+        done = r["stranger"][what]
+        output = _flat(done.stdout + done.stderr)
+        assert done.returncode != 0, f"a stranger could {what}: {output}"
+        # refused by the gateway, for this route, not by a broken command or connection
+        assert f"{REFUSED}: POST {route} is not served here" in output, output
+        assert f"refused POST '{route}'" in r["gateway_log"]
+    status, text = r["runtime"]
+    assert status == 404 and REFUSED in text
+    # The Fleet API is passed, but SuperNode authentication refuses self-registration.
+    status, text = r["fleet_register"]
+    assert status == 412 and "must be registered via the CLI" in text
+    # The operator, on loopback, lists the run the stranger could not see.
+    ls = r["operator_ls"]
+    assert ls.returncode == 0 and "fedface" in ls.stdout, ls.stdout + ls.stderr
 
 
 def test_unregistered_supernodes_and_clients_without_the_ca_are_refused(deployment_run):
