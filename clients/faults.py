@@ -1,6 +1,7 @@
 """A simulated device acting out its fault (``fl.faults``): the hostile or broken
 replies the server must survive, made from a real training reply.
 
+``simulated_faults`` is a Flower mod around the ClientApp's ``train``.
 ``before_training`` plays the devices that never answer (``crash`` raises, as a
 buggy ClientApp would; ``hang`` sleeps past the round's timeout).
 ``corrupt_reply`` turns an honest reply into an invalid one (NaN, wrong shapes,
@@ -14,11 +15,28 @@ from __future__ import annotations
 import time
 
 import torch
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 
+from clients.device import device_index, is_real_device
 from fl import faults as F
 from fl import protocol as P
 from fl.data.fleet import FleetSpec
+
+
+def simulated_faults(msg: Message, context: Context, call_next) -> Message:
+    """A Flower mod around ``train``, outermost: a simulated faulty device crashes
+    or stalls before it opens its store (as a process that dies or hangs would),
+    and corrupts its reply after. Real devices pass straight through (the
+    ClientApp refuses a recipe that asks them for faults)."""
+    if is_real_device(context):
+        return call_next(msg, context)
+    recipe, _, fleet = P.parse_round_config(msg.content[P.CONFIG])
+    kind = fault_of(recipe, fleet, device_index(context))
+    before_training(kind, recipe)
+    reply = call_next(msg, context)
+    if kind and not reply.has_error():
+        corrupt_reply(kind, reply.content, msg)
+    return reply
 
 
 def fault_of(recipe: P.Recipe, fleet: FleetSpec, device: int) -> str:

@@ -60,7 +60,7 @@ from server.records import (
     parse_train_replies,
     photo_metrics,
 )
-from server.roll_call import quorum, roll_call, wait_for_nodes
+from server.roll_call import ROLL_CALL_TIMEOUT, quorum, roll_call, wait_for_nodes
 from server.sampling import CohortSampler
 from server.transport import SampledGrid, Transport
 
@@ -133,7 +133,7 @@ class RoundLoop:
         n = self.s.num_devices
         needed = quorum(n, self.s.start_quorum)
         call = roll_call(self.grid, wait_for_nodes(self.grid, n, needed), n, needed,
-                         self.s.round_timeout, self.log)
+                         max(self.s.round_timeout, ROLL_CALL_TIMEOUT), self.log)
         self.index = call.index  # node id -> device index, this session only
         self.node_of = {device: node for node, device in call.index.items()}
         result = LoopResult(shared=dict(shared), devices={

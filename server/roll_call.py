@@ -25,6 +25,9 @@ from flwr.serverapp import Grid
 from fl import protocol as P
 
 CONNECT_TIMEOUT = 120.0  # seconds to wait for every device to connect before a quorum will do
+# At least this long for the answers (or fleet.round_timeout if longer): the first
+# message to a device also starts its ClientApp process.
+ROLL_CALL_TIMEOUT = 60.0
 
 
 @dataclass
