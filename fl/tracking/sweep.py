@@ -1,15 +1,18 @@
 """A Hydra multirun = one MLflow parent run (the sweep) + one child run per job.
 
-Each job finds (or, first, creates) the parent by the tag ``fedface.sweep_id``,
-a hash of Hydra's sweep directory, so the pairing works for any launcher and
-sweeper that gives the jobs one sweep directory. The Hydra callback
-``SweepCallback`` (registered in configs/config.yaml) closes the parent when the
-multirun ends and writes the sweep report (``experiments.report``) to it.
+The Hydra callback ``SweepCallback`` (registered in configs/config.yaml)
+creates the parent once, before the jobs start, so that parallel launchers
+never make two; each job finds it by the tag ``fedface.sweep_id``, a hash of
+Hydra's sweep directory, which works for any launcher and sweeper that gives
+the jobs one sweep directory. The callback closes the parent when the multirun
+ends and writes the sweep report (``experiments.report``) to it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ SWEEP_ID_TAG = "fedface.sweep_id"
 ROLE_TAG = "fedface.role"  # "sweep" on the parent, "job" on each child
 OVERRIDES_TAG = "fedface.overrides"
 JOB_TAG = "fedface.job"
+PARENT_LOCK = ".fedface-sweep-parent.lock"  # in the sweep directory
 
 
 @dataclass(frozen=True)
@@ -60,13 +64,28 @@ def find_parent(client: mlflow.MlflowClient, experiment_id: str, sweep_id: str):
 
 
 def parent_run_id(client: mlflow.MlflowClient, experiment_id: str, sweep: Sweep) -> str:
-    """The sweep's parent run, created by the first job that asks."""
-    parent = find_parent(client, experiment_id, sweep.sweep_id)
-    if parent is not None:
-        return parent.info.run_id
-    run = client.create_run(experiment_id, run_name=f"sweep-{sweep.sweep_id}", tags={
-        SWEEP_ID_TAG: sweep.sweep_id, ROLE_TAG: "sweep", "fedface.sweep_dir": sweep.sweep_dir})
-    return run.info.run_id
+    """The sweep's parent run, found or created under a lock in the sweep
+    directory, which every job of a multirun shares: jobs that a parallel
+    launcher (joblib, Ray) starts at once cannot both miss it and create two.
+    ``SweepCallback.on_multirun_start`` normally creates it before any job."""
+    with _locked(Path(sweep.sweep_dir) / PARENT_LOCK):
+        parent = find_parent(client, experiment_id, sweep.sweep_id)
+        if parent is not None:
+            return parent.info.run_id
+        return client.create_run(experiment_id, run_name=f"sweep-{sweep.sweep_id}", tags={
+            SWEEP_ID_TAG: sweep.sweep_id, ROLE_TAG: "sweep",
+            "fedface.sweep_dir": sweep.sweep_dir}).info.run_id
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def child_tags(sweep: Sweep) -> dict[str, str]:
@@ -75,7 +94,20 @@ def child_tags(sweep: Sweep) -> dict[str, str]:
 
 
 class SweepCallback(Callback):
-    """Closes the sweep's parent run and logs its report when a multirun ends."""
+    """Creates the sweep's parent run before the jobs start, and closes it with
+    its report when the multirun ends."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from fl.tracking.mlflow_run import quiet_mlflow, tracking_uri
+
+        quiet_mlflow()
+        client = mlflow.MlflowClient(tracking_uri(config))
+        name = config.tracking.experiment_name
+        experiment = client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else \
+            client.create_experiment(name)
+        sweep_dir = str(config.hydra.sweep.dir)
+        parent_run_id(client, experiment_id, Sweep(sweep_id_of(sweep_dir), sweep_dir, "", -1))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from fl.tracking.mlflow_run import quiet_mlflow, tracking_uri
@@ -88,7 +120,12 @@ class SweepCallback(Callback):
         sweep_id = sweep_id_of(config.hydra.sweep.dir)
         parent = find_parent(client, experiment.experiment_id, sweep_id) if experiment else None
         if parent is None:
-            return  # no job got as far as MLflow (e.g. invalid configuration)
+            return
+        jobs = client.search_runs([experiment.experiment_id], max_results=1, filter_string=(
+            f"tags.`{SWEEP_ID_TAG}` = '{sweep_id}' and tags.`{ROLE_TAG}` = 'job'"))
+        if not jobs:  # no job got as far as MLflow (e.g. an invalid configuration)
+            client.set_terminated(parent.info.run_id, "FAILED")
+            return
         try:
             report = build_report(uri, parent.info.run_id,
                                   Path(config.hydra.sweep.dir) / "report")
