@@ -12,6 +12,7 @@ from experiments.bench import (
     fleet,
     init_and_personal,
     local_step,
+    poisoning,
     privacy_utility,
     renderer,
     tracking_overhead,
@@ -20,7 +21,7 @@ from experiments.bench.common import save, table
 
 BENCHES = {"renderer": renderer.run, "local_step": local_step.run, "fleet": fleet.run,
            "privacy_utility": privacy_utility.run, "init_and_personal": init_and_personal.run,
-           "tracking_overhead": tracking_overhead.run}
+           "tracking_overhead": tracking_overhead.run, "poisoning": poisoning.run}
 
 
 def main(names: list[str]) -> None:
