@@ -15,20 +15,40 @@ that says why:
 * a round older than its own state of this run: the server resumed from an
   older checkpoint than the device's state, and would otherwise have it release
   a round again as if the later ones had not happened. The reply carries
-  ``P.NEWER_STATE_ROUND`` so the server stops and says which checkpoint to use.
+  ``P.NEWER_STATE_ROUND`` so the server stops and says which checkpoint to use;
+* storage it cannot use safely (``_holding_state``): a real device without its
+  own ``state-dir``, a state directory another process is using, an unreadable
+  newest ledger, a full disk. Every train and evaluate call holds the state
+  directory's lock from start to end (``clients.device_state``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from functools import lru_cache
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
-from clients.device import DeviceView, device_index, is_real_device, open_device
+from clients.device import (
+    DeviceView,
+    device_index,
+    is_real_device,
+    open_device,
+    require_state_dir,
+)
 from clients.device_state import (
     DeviceStore,
+    StoreUnavailable,
     device_store,
     load_ledger,
     load_ledger_before,
@@ -44,6 +64,7 @@ from fl.privacy.ledger import PhotoLedger
 from fl.privacy.noise import SEEDED
 from fl.tasks import Task, get_task
 
+log = logging.getLogger(__name__)
 app = ClientApp()
 
 
@@ -80,7 +101,9 @@ def _server_round(msg: Message) -> int:
     return int(msg.content[P.CONFIG]["server-round"])
 
 
-def _reply(metrics: dict, view: DeviceView) -> RecordDict:
+def _reply(metrics: dict, view: DeviceView, store: DeviceStore) -> RecordDict:
+    if store.fallbacks:  # an unreadable generation was passed over: say so
+        metrics = metrics | {P.STATE_FALLBACK: 1}
     content = RecordDict({P.METRICS: MetricRecord(metrics | view.report)})
     if view.reason:
         content[P.STATUS] = ConfigRecord({P.REASON: view.reason})
@@ -148,7 +171,31 @@ def _fine_tune(task: Task, model, view: DeviceView, recipe: P.Recipe, ledger: Ph
     return outcome, len(tensors[0]) if outcome.status == TRAINED else 0
 
 
-@app.train()
+def _holding_state(msg: Message, context: Context, call_next) -> Message:
+    """A Flower mod around ``train`` and ``evaluate``: the whole call holds the
+    device's state directory (``DeviceStore.lock``), so two processes never
+    interleave on one device's ledger. What the store cannot do (a real device
+    without a state-dir, a directory in use, an unreadable ledger, a full disk)
+    is a refusal that says why, never a crash; the details, which name paths,
+    stay in the device's own log."""
+    recipe, _, fleet, store = _instructions(msg, context)
+    try:
+        require_state_dir(context, fleet)
+        with store.lock():
+            return call_next(msg, context)
+    except StoreUnavailable as err:
+        log.warning("device %s: %s", device_index(context), err)
+        metrics = {P.WEIGHT_KEY: 0, P.PERSONALISED: 0}
+        if msg.metadata.message_type.split(".")[0] == MessageType.TRAIN:
+            ledger = PhotoLedger.from_config(err.ledger) if err.ledger else \
+                PhotoLedger(accountant=recipe.accountant)
+            metrics = _train_metrics(recipe, ledger)
+        content = RecordDict({P.METRICS: MetricRecord(metrics),
+                              P.STATUS: ConfigRecord({P.REASON: err.public})})
+        return Message(content=content, reply_to=msg)
+
+
+@app.train(mods=[_holding_state])
 def train(msg: Message, context: Context) -> Message:
     server_round = _server_round(msg)
     recipe, task, fleet, store = _instructions(msg, context)
@@ -173,7 +220,7 @@ def train(msg: Message, context: Context) -> Message:
         ledger = _ledger_after(recipe, start, newest, attempt, digest, outcome)
         if ledger is None:  # a different repeat would pass the budget: nothing leaves
             outcome, used, update, ledger = _exhausted(newest, recipe, outcome), 0, None, newest
-    content = _reply(_train_metrics(recipe, ledger, outcome, used), view)
+    content = _reply(_train_metrics(recipe, ledger, outcome, used), view, store)
     if update is not None:
         # Recorded on the device before anything of the update leaves it.
         save_state(store, server_round, model, task, ledger, digest)
@@ -215,7 +262,7 @@ def roll_call(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({P.METRICS: metrics}), reply_to=msg)
 
 
-@app.evaluate()
+@app.evaluate(mods=[_holding_state])
 def evaluate(msg: Message, context: Context) -> Message:
     # Evaluation follows the round's training: it sees the state that round wrote.
     recipe, task, fleet, store = _instructions(msg, context)
@@ -225,4 +272,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     if view.can_evaluate:
         metrics |= task.evaluate_device(model, view.data, fleet)
         metrics[P.WEIGHT_KEY] = len(view.data.heldout)
-    return Message(content=_reply(metrics, view), reply_to=msg)
+    return Message(content=_reply(metrics, view, store), reply_to=msg)

@@ -9,25 +9,35 @@ unusable files are handled in one place, before any training or evaluation:
    decoded photos, keep the privacy ledger, and opt out for good;
 3. load the photos (cached), and apply consent per purpose.
 
-The report that goes back to the server holds counts only, never photo ids.
+The report that goes back to the server holds counts only, and its reason says
+what kind of problem there was and how many photos it touched: never a file
+name, photo id or path (they may name a person). The device's own log has the
+details.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from flwr.app import Context
 
-from clients.device_state import STATE_DIR_KEY, erase_all_personal
+from clients.device_state import STATE_DIR_KEY, StoreUnavailable, erase_all_personal
 from fl import protocol as P
 from fl.data import consent
 from fl.data.device_data import DeviceData, forget, load_device_data
 from fl.data.fleet import FleetSpec
 from fl.tasks.base import Task
 
+log = logging.getLogger(__name__)
+
 DATA_DIR_KEY = "data-dir"  # node config of a real device: its photos and consent.json
+NO_STATE_DIR = ("refused: a real device keeps its privacy ledger in its own state "
+                "directory, and this SuperNode has none; restart it with --node-config "
+                "'... state-dir=\"/path\"' (without one the ledger would live where the "
+                "server says, and the device's privacy spend would be forgotten between runs)")
 
 
 def device_index(context: Context) -> int:
@@ -45,6 +55,16 @@ def is_real_device(context: Context) -> bool:
     (``data-dir``) or state (``state-dir``) in its node config, which the server
     cannot set. A simulated device has neither."""
     return DATA_DIR_KEY in context.node_config or STATE_DIR_KEY in context.node_config
+
+
+def require_state_dir(context: Context, spec: FleetSpec) -> None:
+    """A real device (its own ``data-dir``, or ``data=device``) trains only with
+    its own ``state-dir``: otherwise its ledger would live under the server's
+    ``devices.storage_dir``, one per run, and its spend across runs be lost."""
+    real = DATA_DIR_KEY in context.node_config or spec.source == "device"
+    if real and STATE_DIR_KEY not in context.node_config:
+        raise StoreUnavailable("this SuperNode has a data-dir (or runs data=device) but no "
+                               "state-dir in its node config", NO_STATE_DIR)
 
 
 def device_dir(context: Context, recipe: P.Recipe) -> Path:
@@ -95,7 +115,8 @@ def open_device(context: Context, spec: FleetSpec, recipe: P.Recipe, task: Task)
     try:
         manifest = consent.read_manifest(folder)
     except consent.ConsentError as err:
-        error = f"consent manifest unusable, nothing used: {err}"
+        log.warning("device %d: %s; no photo is used until it is fixed", device, err)
+        error = f"consent manifest unusable, nothing used: {err.public}"
     if manifest is not None and manifest.delete_my_data:
         erase(context, recipe, spec, device, folder, manifest)
         return DeviceView(None, {P.OPTED_OUT: 1, P.DELETED: 1}, "the user deleted their data")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 from fl.data import consent
 
@@ -36,8 +37,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expiry(text: str | None, now: datetime) -> datetime | None:
+    expires = consent.parse_time(text, "--expires")
+    if expires is not None and expires <= now:
+        raise consent.ConsentError(f"--expires {text}: that time has passed, so the grant "
+                                   "would never apply; give a later time or leave it out")
+    return expires
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not Path(args.device_dir).is_dir():
+        # A typo would otherwise create a new folder that no device ever reads.
+        print(f"fedface: {args.device_dir} is not a directory: give the device's own "
+              "directory (a SuperNode's data-dir, or <devices.storage_dir>/device-NNNNN in "
+              "simulation; create it first to prepare consent before a run)", file=sys.stderr)
+        return 2
+    now = datetime.now(UTC)
+    try:
+        expires = _expiry(args.expires, now) if args.command == "grant" else None
+    except consent.ConsentError as err:
+        print(f"fedface: {err}", file=sys.stderr)
+        return 2
     try:
         manifest = consent.read_manifest(args.device_dir)
     except consent.ConsentError as err:
@@ -48,15 +69,17 @@ def main(argv: list[str] | None = None) -> int:
               f"no manifest in {args.device_dir}: the run's devices.consent_default applies")
         return 0
     manifest = manifest or consent.Manifest()
-    now = datetime.now(UTC)
     if args.command == "grant":
-        expires = datetime.fromisoformat(args.expires) if args.expires else None
         manifest.grant(args.photos, args.purposes, now, expires)
     elif args.command == "revoke":
         manifest.revoke(args.photos, now)
     else:
         manifest.delete_my_data = True
-    path = consent.write_manifest(args.device_dir, manifest)
+    try:
+        path = consent.write_manifest(args.device_dir, manifest)
+    except OSError as err:  # a full disk (fl.atomic.DiskFull), a read-only folder
+        print(f"fedface: nothing changed: {err}", file=sys.stderr)
+        return 2
     print(f"{args.command}: written to {path}; takes effect at the device's next round")
     return 0
 

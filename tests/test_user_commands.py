@@ -12,6 +12,7 @@ from tests.data.datasets import add_broken_files
 
 def test_consent_command_grants_revokes_and_deletes(tmp_path, capsys):
     device = tmp_path / "device-00003"
+    device.mkdir()
     assert consent_cli.main(["show", "--device-dir", str(device)]) == 0
     assert "consent_default applies" in capsys.readouterr().out
     assert consent_cli.main(["grant", "--device-dir", str(device), "--photos", "photo-0000",
@@ -28,6 +29,27 @@ def test_consent_command_grants_revokes_and_deletes(tmp_path, capsys):
     (device / consent.MANIFEST).write_text("{oops")
     assert consent_cli.main(["show", "--device-dir", str(device)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_consent_command_refuses_a_missing_directory_and_a_bad_expiry(tmp_path, capsys):
+    """A typo in --device-dir would write a manifest no device reads; a bad
+    --expires is a message, not a traceback. Neither writes anything."""
+    typo = tmp_path / "device-0003"
+    assert consent_cli.main(["grant", "--device-dir", str(typo), "--photos", "photo-0000"]) == 2
+    assert "is not a directory" in capsys.readouterr().err and not typo.exists()
+    device = tmp_path / "device-00003"
+    device.mkdir()
+    for expires, message in [("next tuesday", "not an ISO 8601 time"),
+                             ("2001-01-01T00:00:00+00:00", "that time has passed")]:
+        assert consent_cli.main(["grant", "--device-dir", str(device), "--photos",
+                                 "photo-0000", "--expires", expires]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert consent.read_manifest(device) is None
+    later = (datetime.now(UTC) + timedelta(days=30)).isoformat()
+    assert consent_cli.main(["grant", "--device-dir", str(device), "--photos", "photo-0000",
+                             "--expires", later]) == 0
+    assert consent.read_manifest(device).photos["photo-0000"].expires.isoformat() == later
 
 
 def test_export_command_writes_a_loadable_layout(tmp_path):

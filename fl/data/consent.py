@@ -44,15 +44,31 @@ DEFAULTS = ("grant", "deny")
 
 
 class ConsentError(ValueError):
-    """A manifest that cannot be trusted; the message says which file and why."""
+    """A manifest that cannot be trusted. ``str(err)`` names the file and the
+    entries at fault (for the user and the device's own log); ``public`` says
+    only what kind of problem and how many photos, for the reason a device sends
+    the server, which must never carry a file name, photo id or path."""
+
+    def __init__(self, message: str, public: str = f"{MANIFEST} is invalid") -> None:
+        super().__init__(message)
+        self.public = public
 
 
-def _time(value, where: str) -> datetime | None:
+TOP_KEYS = ("format", "photos", "delete_my_data", "deleted")
+ENTRY_KEYS = ("purposes", "granted", "expires", "revoked")
+# What can be wrong with a photo entry, as the device tells the server (with a count).
+FAULTS = {"entry": "a value that is not an object", "unknown key": "an unknown key",
+          "purposes": "a bad \"purposes\" list", "granted": "a bad \"granted\" time",
+          "expires": "a bad \"expires\" time", "revoked": "a bad \"revoked\" time"}
+
+
+def parse_time(value, where: str) -> datetime | None:
+    """An ISO 8601 time (a JSON string; no time zone = UTC), or None for null."""
     if value is None:
         return None
     try:
-        stamp = datetime.fromisoformat(str(value))
-    except ValueError:
+        stamp = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
         raise ConsentError(f"{where}: {value!r} is not an ISO 8601 time "
                            "(e.g. 2026-11-01T09:00:00+00:00)") from None
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
@@ -75,6 +91,33 @@ class PhotoConsent:
                 or (self.expires is not None and self.expires <= now))
 
 
+def _photo_entry(entry, at: str) -> tuple[PhotoConsent | None, list[str], list[str]]:
+    """(consent, problems for the log, the fields at fault) of one photo entry."""
+    if not isinstance(entry, dict):
+        return None, [f"{at} must be an object with {list(ENTRY_KEYS)}"], ["entry"]
+    problems, fields_at_fault = [], []
+    unknown = sorted(set(entry) - set(ENTRY_KEYS))
+    if unknown:
+        problems.append(f"{at} has unknown keys {unknown} (allowed: {list(ENTRY_KEYS)})")
+        fields_at_fault.append("unknown key")
+    purposes = entry.get("purposes")
+    if not (isinstance(purposes, list) and all(isinstance(p, str) and p in PURPOSES
+                                               for p in purposes)):
+        problems.append(f"{at}.purposes must be a list drawn from {list(PURPOSES)}, "
+                        f"not {purposes!r}")
+        fields_at_fault.append("purposes")
+    times = {}
+    for key in ("granted", "expires", "revoked"):
+        try:
+            times[key] = parse_time(entry.get(key), f"{at}.{key}")
+        except ConsentError as err:
+            problems.append(str(err))
+            fields_at_fault.append(key)
+    if problems:
+        return None, problems, fields_at_fault
+    return PhotoConsent(frozenset(purposes), **times), [], []
+
+
 @dataclass
 class Manifest:
     photos: dict[str, PhotoConsent] = field(default_factory=dict)
@@ -83,24 +126,56 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:
+        """Parse strictly: every type as documented (docs/consent.md), no unknown
+        key, booleans as JSON booleans. A lenient reading fails the user: the
+        string ``"false"`` is truthy, so ``"delete_my_data": "false"`` would
+        erase their state; a misspelt key would silently mean nothing. Every
+        problem is collected, so one message lists them all."""
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ConsentError(f"{where} is not valid JSON ({err})") from None
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise ConsentError(f"{where}: expected an object with \"format\": {FORMAT}")
-        photos = {}
-        for photo, entry in (raw.get("photos") or {}).items():
-            at = f"{where}: photos[{photo!r}]"
-            purposes = entry.get("purposes") if isinstance(entry, dict) else None
-            if not isinstance(purposes, list) or not set(purposes) <= set(PURPOSES):
-                raise ConsentError(f"{at}.purposes must be a list drawn from {list(PURPOSES)}")
-            photos[str(photo)] = PhotoConsent(
-                frozenset(purposes), _time(entry.get("granted"), f"{at}.granted"),
-                _time(entry.get("expires"), f"{at}.expires"),
-                _time(entry.get("revoked"), f"{at}.revoked"))
-        return cls(photos, bool(raw.get("delete_my_data", False)),
-                   _time(raw.get("deleted"), f"{where}: deleted"))
+            raise ConsentError(f"{where} is not valid JSON ({err})",
+                               f"{MANIFEST} is not valid JSON") from None
+        if not isinstance(raw, dict) or type(raw.get("format")) is not int \
+                or raw["format"] != FORMAT:
+            raise ConsentError(f"{where}: expected an object with \"format\": {FORMAT}",
+                               f"{MANIFEST} is not a format-{FORMAT} manifest")
+        problems, public = [], []
+        unknown = sorted(set(raw) - set(TOP_KEYS))
+        if unknown:
+            problems.append(f"unknown keys {unknown} (allowed: {list(TOP_KEYS)})")
+            public.append(f"{len(unknown)} unknown top-level key(s)")
+        delete = raw.get("delete_my_data", False)
+        if not isinstance(delete, bool):
+            problems.append(f"\"delete_my_data\" is {delete!r}; it must be true or false "
+                            "(a JSON boolean, not a string or a number)")
+            public.append("\"delete_my_data\" is not true or false")
+        deleted = None
+        try:
+            deleted = parse_time(raw.get("deleted"), "deleted")
+        except ConsentError as err:
+            problems.append(str(err))
+            public.append("\"deleted\" is not an ISO 8601 time")
+        photos, bad = {}, {}
+        entries = raw.get("photos", {})
+        if not isinstance(entries, dict):
+            problems.append("\"photos\" must be an object mapping photo ids to entries, "
+                            f"not {type(entries).__name__}")
+            public.append("\"photos\" is not an object")
+            entries = {}
+        for photo, entry in entries.items():
+            consent, entry_problems, at_fault = _photo_entry(entry, f"photos[{photo!r}]")
+            problems += entry_problems
+            for name in dict.fromkeys(at_fault):
+                bad[name] = bad.get(name, 0) + 1
+            if consent is not None:
+                photos[photo] = consent
+        public += [f"{n} photo entr{'y' if n == 1 else 'ies'} with {FAULTS[name]}"
+                   for name, n in bad.items()]
+        if problems:
+            raise ConsentError(f"{where}: " + "; ".join(problems),
+                               f"{MANIFEST} is invalid: " + "; ".join(public))
+        return cls(photos, delete, deleted)
 
     def to_json(self) -> str:
         def stamp(t: datetime | None) -> str | None:
@@ -137,11 +212,15 @@ def read_manifest(device_dir: str | Path) -> Manifest | None:
     """The device's manifest, ``None`` if it has none; ``ConsentError`` if unreadable."""
     path = manifest_path(device_dir)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
     except OSError as err:
-        raise ConsentError(f"{path} cannot be read ({err})") from None
+        raise ConsentError(f"{path} cannot be read ({err})",
+                           f"{MANIFEST} cannot be read") from None
+    except UnicodeDecodeError:
+        raise ConsentError(f"{path} is not UTF-8 text",
+                           f"{MANIFEST} is not valid JSON") from None
     return Manifest.from_json(text, str(path))
 
 

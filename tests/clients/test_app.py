@@ -35,7 +35,8 @@ def _simulated() -> Context:
                    state=RecordDict(), run_config={})
 
 
-def _train(context: Context, recipe: P.Recipe, server_round: int, fleet: FleetSpec = SPEC):
+def _train(context: Context, recipe: P.Recipe, server_round: int, fleet: FleetSpec = SPEC,
+           message_type: str = MessageType.TRAIN):
     """Send the ClientApp a training message as the server does; its reply."""
     task = get_task(TASK)
     with torch.random.fork_rng():
@@ -46,13 +47,18 @@ def _train(context: Context, recipe: P.Recipe, server_round: int, fleet: FleetSp
     content = RecordDict({P.ARRAYS: ArrayRecord(task.shared_state(model)),
                           P.PERSONAL_INIT: ArrayRecord(task.personal_state(model)),
                           P.CONFIG: config})
-    metadata = Metadata(run_id=1, message_id=f"train-{server_round}", src_node_id=1,
+    metadata = Metadata(run_id=1, message_id=f"{message_type}-{server_round}", src_node_id=1,
                         dst_node_id=context.node_id, reply_to_message_id="", group_id="",
                         created_at=datetime.now(UTC).timestamp(), ttl=600.0,
-                        message_type=MessageType.TRAIN)
+                        message_type=message_type)
     reply = app(Message(content=content, metadata=metadata), context)
     assert not reply.has_error(), reply.error
     return reply
+
+
+def _evaluate(context: Context, recipe: P.Recipe, server_round: int, fleet: FleetSpec = SPEC):
+    """Send the ClientApp the evaluation message of ``server_round``; its reply."""
+    return _train(context, recipe, server_round, fleet, MessageType.EVALUATE)
 
 
 def _metrics(reply: Message) -> dict:
@@ -69,8 +75,7 @@ def _generations(root) -> list:
 
 # --- seeded noise on a real device ----------------------------------------------------
 
-@pytest.mark.parametrize("owner_keys", [("data-dir", "state-dir"), ("state-dir",),
-                                        ("data-dir",)])
+@pytest.mark.parametrize("owner_keys", [("data-dir", "state-dir"), ("state-dir",)])
 def test_a_real_device_refuses_seeded_noise_and_trains_with_secure_noise(tmp_path,
                                                                          owner_keys):
     """A node whose owner gave it a data-dir or a state-dir (which the server cannot
@@ -92,6 +97,29 @@ def test_a_real_device_refuses_seeded_noise_and_trains_with_secure_noise(tmp_pat
 
     trained = _train(context, _recipe(tmp_path, noise="secure"), 1, fleet)
     assert P.ARRAYS in trained.content and _metrics(trained)[P.TRAINED] == 1
+
+
+@pytest.mark.parametrize("source", ["folders-of-its-own", "device"])
+def test_a_real_device_without_a_state_dir_refuses_and_writes_nothing(tmp_path, source):
+    """A real device (its own data-dir, or data=device) without a state-dir would
+    keep its ledger where the server says, one per run: its spend across runs would
+    be lost. It refuses, says how to start it, and creates nothing anywhere."""
+    export = export_folders(tmp_path / "export", people=1, photos=9, controls_csv=False)
+    config = {"partition-id": 0}
+    if source == "folders-of-its-own":
+        config["data-dir"] = str(export / "Person_0000")
+    context = Context(run_id=1, node_id=5, state=RecordDict(), run_config={},
+                      node_config=config)
+    fleet = FleetSpec(source="device", num_devices=1, photos_min=6, photos_max=10,
+                      heldout_photos=2, image_size=32)
+    for send in (_train, _evaluate):
+        reply = send(context, _recipe(tmp_path, noise="secure"), 1, fleet)
+        assert P.ARRAYS not in reply.content
+        assert "state-dir" in _reason(reply) and "forgotten between runs" in _reason(reply)
+        assert str(tmp_path) not in _reason(reply)
+    assert _metrics(_train(context, _recipe(tmp_path, noise="secure"), 1, fleet))[
+        P.PARTICIPATIONS] == 0
+    assert not (tmp_path / "devices").exists()
 
 
 def test_a_simulated_device_trains_with_seeded_noise(tmp_path):

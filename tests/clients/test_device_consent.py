@@ -12,6 +12,7 @@ from flwr.app import Context, RecordDict
 from clients.device import open_device
 from clients.device_state import (
     LEDGER_FILE,
+    LOCK_FILE,
     PERSONAL_FILE,
     device_store,
     load_ledger,
@@ -100,7 +101,7 @@ def test_delete_my_data_erases_personal_state_and_photos_but_keeps_the_ledger(tm
     assert not _stored(folder, PERSONAL_FILE)
     assert not is_cached(SPEC, 1)
     assert {p.name for p in folder.rglob("*") if p.is_file()} == {
-        consent.MANIFEST, LEDGER_FILE, "stamp.json"}
+        consent.MANIFEST, LEDGER_FILE, "stamp.json", LOCK_FILE}
     # ...but the ledger is intact: what was released stays accounted
     assert [p.read_text() for p in _stored(folder, LEDGER_FILE)] == ledgers_before
     assert load_ledger(device_store(context, recipe, 1), "rdp").participations == 2
@@ -122,3 +123,31 @@ def test_personal_weights_tensor_values_do_not_survive_deletion(tmp_path):
     remaining = [v for path in (tmp_path / "device-00001").rglob("*.pt")
                  for v in torch.load(path, weights_only=True).values()]
     assert personal and not any(torch.equal(v, w) for v in remaining for w in personal.values())
+
+
+def test_a_broken_manifest_denies_everything_erases_nothing_and_names_no_photo(tmp_path,
+                                                                            caplog):
+    """``"delete_my_data": "false"`` (a string) once erased the user's state. Now a
+    manifest with the wrong types denies every photo, erases nothing, and the
+    reason for the server names no photo and no path; the device's log does."""
+    task = get_task({"name": "swap", "width": 8})
+    recipe = P.Recipe(local_epochs=1.0, batch_size=4, device_storage=str(tmp_path),
+                      delta=1e-3)
+    context = _context()
+    view, _ = _round(context, recipe, task)
+    folder = tmp_path / "device-00001"
+    photo = view.data.train_ids[0]
+    (folder / consent.MANIFEST).write_text(
+        f'{{"format": 1, "delete_my_data": "false", "photos": {{"{photo}": '
+        '{"purposes": ["federated-training", "marketing"]}}}')
+    personal = _stored(folder, PERSONAL_FILE)
+    for _ in range(2):  # every round, never a crash
+        view, outcome = _round(context, recipe, task)
+        assert outcome is None and not view.can_train and not view.can_evaluate
+        assert view.report.get(P.DELETED, 0) == 0
+        assert "consent manifest unusable" in view.reason
+        assert '"delete_my_data" is not true or false' in view.reason
+        assert '1 photo entry with a bad "purposes" list' in view.reason
+        assert photo not in view.reason and str(tmp_path) not in view.reason
+    assert _stored(folder, PERSONAL_FILE) == personal and personal  # nothing erased
+    assert photo in caplog.text and consent.MANIFEST in caplog.text

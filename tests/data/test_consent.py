@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -63,3 +64,61 @@ def test_broken_manifests_are_refused_with_the_file_named(tmp_path, text, messag
     # a device with a broken manifest uses nothing, and says why
     decision = C.decide(None, "grant", TRAIN, HELD, error=str(err.value))
     assert not any(decision.train + decision.heldout) and "consent.json" in decision.reason
+
+
+GOOD = {"purposes": ["federated-training"], "granted": "2026-11-01T09:00:00+00:00"}
+
+
+@pytest.mark.parametrize(("manifest", "log", "public"), [
+    # the string "false" is truthy: read leniently it erased the user's state
+    ({"delete_my_data": "false"}, '"delete_my_data" is \'false\'',
+     '"delete_my_data" is not true or false'),
+    ({"delete_my_data": 0}, "must be true or false", '"delete_my_data" is not true or false'),
+    ({"format": True}, '"format": 1', "not a format-1 manifest"),
+    ({"photos": ["Ann_Lee_0001.jpg"]}, '"photos" must be an object', '"photos" is not an object'),
+    ({"photos": {"Ann_Lee_0001.jpg": ["evaluation"]}}, "must be an object",
+     "1 photo entry with a value that is not an object"),
+    ({"photos": {"Ann_Lee_0001.jpg": {**GOOD, "purposes": "evaluation"}}},
+     "purposes must be a list", '1 photo entry with a bad "purposes" list'),
+    ({"photos": {"Ann_Lee_0001.jpg": {**GOOD, "purposes": [["evaluation"]]}}},
+     "purposes must be a list", '1 photo entry with a bad "purposes" list'),
+    ({"photos": {"Ann_Lee_0001.jpg": {**GOOD, "granted": 20261101},
+                 "Ann_Lee_0002.jpg": {**GOOD, "granted": True}}},
+     "not an ISO 8601 time", '2 photo entries with a bad "granted" time'),
+    ({"photos": {"Ann_Lee_0001.jpg": {**GOOD, "expires": "soon"}}}, "expires",
+     '1 photo entry with a bad "expires" time'),
+    ({"photos": {"Ann_Lee_0001.jpg": {**GOOD, "revokd": None}}}, "unknown keys ['revokd']",
+     "1 photo entry with an unknown key"),
+    ({"delete_my_dat": True}, "unknown keys ['delete_my_dat']", "1 unknown top-level key"),
+    ({"deleted": 5}, "deleted: 5 is not an ISO 8601 time", '"deleted" is not an ISO 8601'),
+])
+def test_manifests_are_read_strictly_and_the_public_reason_names_no_photo(
+        tmp_path, manifest, log, public):
+    """Every documented type is checked. The message for the user and the device's
+    log names the file and the entries; the reason a device sends the server says
+    what kind of problem and how many photos, never which photo or where."""
+    (tmp_path / C.MANIFEST).write_text(json.dumps({"format": 1, **manifest}))
+    with pytest.raises(C.ConsentError) as err:
+        C.read_manifest(tmp_path)
+    assert log in str(err.value) and str(tmp_path / C.MANIFEST) in str(err.value)
+    assert public in err.value.public
+    assert "Ann_Lee" not in err.value.public and str(tmp_path) not in err.value.public
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    (tmp_path / C.MANIFEST).write_text(
+        '{"format": 1, "delete_my_data": "no", "photos": {"a.jpg": {"purposes": "x"}, '
+        '"b.jpg": {"purposes": ["evaluation"], "granted": "later"}}}')
+    with pytest.raises(C.ConsentError) as err:
+        C.read_manifest(tmp_path)
+    assert err.value.public == (
+        'consent.json is invalid: "delete_my_data" is not true or false; 1 photo entry '
+        'with a bad "purposes" list; 1 photo entry with a bad "granted" time')
+    assert "'a.jpg'" in str(err.value) and "'b.jpg'" in str(err.value)
+
+
+def test_a_manifest_that_is_not_text_is_refused(tmp_path):
+    (tmp_path / C.MANIFEST).write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(C.ConsentError, match="not UTF-8") as err:
+        C.read_manifest(tmp_path)
+    assert err.value.public == "consent.json is not valid JSON"
