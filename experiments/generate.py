@@ -40,7 +40,6 @@ from fl.tasks import get_task
 from fl.tracking.mlflow_run import CONFIG_ARTIFACT, quiet_mlflow
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-LATEST = 2**31  # "the device's newest state": later than any round
 
 
 class GenerateError(ValueError):
@@ -105,10 +104,31 @@ def read_images(paths: list[str], size: int) -> np.ndarray:
     return np.stack(images)
 
 
+def output_names(paths: list[str]) -> list[str]:
+    """One distinct output name per input file: its stem, unless two inputs share
+    it (``a.jpg`` and ``a.png``: then ``a-jpg``, ``a-png``; the same name in two
+    folders: a number is added), so no output overwrites another."""
+    stems = [Path(p).stem for p in paths]
+    suffixes = [Path(p).suffix.lstrip(".") for p in paths]
+    names = [f"{stem}-{suffix}" if stems.count(stem) > 1 and suffix else stem
+             for stem, suffix in zip(stems, suffixes)]
+    taken = {name for name in names if names.count(name) == 1}
+    unique = []
+    for name in names:
+        if names.count(name) > 1:
+            number = 1
+            while f"{name}-{number}" in taken:
+                number += 1
+            name = f"{name}-{number}"
+            taken.add(name)
+        unique.append(name)
+    return unique
+
+
 def task_inputs(args: argparse.Namespace, task_name: str, spec) -> Inputs:
     if task_name == "swap":
         if args.frames:
-            return Inputs([Path(p).stem for p in args.frames],
+            return Inputs(output_names(args.frames),
                           torch.from_numpy(read_images(args.frames, spec.image_size)))
         if args.clip:
             frames, _ = swap_benchmark(spec, args.clip)
@@ -126,12 +146,22 @@ def task_inputs(args: argparse.Namespace, task_name: str, spec) -> Inputs:
 
 
 def personal_state(args: argparse.Namespace, cfg, run_id: str) -> dict[str, torch.Tensor]:
+    """The device's personal weights of the run ``--model`` names: a real
+    device's state directory holds every run's (its newest two generations), and
+    another run's personal part does not belong with this run's shared model."""
     if args.state_dir:
         root = Path(args.state_dir)
     else:
         root = Path(args.storage_dir or cfg.devices.storage_dir) / \
             f"device-{args.device:05d}" / "state" / run_id
-    personal = DeviceStore(root, run_id).personal(before_round=LATEST)
+    store = DeviceStore(root, run_id)
+    personal = store.personal_of_run(run_id)
+    others = [run for run in store.runs() if run != run_id]
+    if personal is None and others:
+        raise GenerateError(
+            f"{root} holds no personal weights of run {run_id}, only of "
+            f"{', '.join(others)} (a state directory keeps its newest two generations): "
+            "give --model the shared model of one of those runs")
     if personal is None:
         raise GenerateError(
             f"no personal weights in {root}: the device never trained in run {run_id}, "

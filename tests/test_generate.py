@@ -13,7 +13,14 @@ import torch
 from PIL import Image
 
 from clients.device_state import DeviceStore
-from experiments.generate import GenerateError, main, parse_controls, task_inputs
+from experiments.generate import (
+    GenerateError,
+    main,
+    parse_controls,
+    personal_state,
+    save_images,
+    task_inputs,
+)
 from experiments.train import main as train_main
 from fl.config import compose, fleet_spec, task_params
 from fl.data.fleet import FleetSpec
@@ -118,3 +125,37 @@ def test_portrait_inputs_from_controls_and_a_real_backdrop_photo(tmp_path):
     with pytest.raises(GenerateError, match="not an image file"):
         task_inputs(argparse.Namespace(frames=[str(notes)], clip=0, controls=None,
                                        backdrop_image=None), "swap", spec)
+
+
+def test_frames_that_share_a_stem_get_outputs_of_their_own(tmp_path):
+    """``a.jpg`` and ``a.png`` (or two ``a.jpg`` in two folders) once wrote one
+    ``a-generated.png``, the second over the first."""
+    (tmp_path / "x").mkdir()
+    frames = [str(_jpeg(tmp_path / "a.jpg", 1)), str(tmp_path / "a.png"),
+              str(_jpeg(tmp_path / "x" / "a.jpg", 2)), str(_jpeg(tmp_path / "b.jpg", 3))]
+    Image.open(frames[0]).save(frames[1])
+    args = argparse.Namespace(frames=frames, clip=0, controls=None, backdrop_image=None)
+    inputs = task_inputs(args, "swap", FleetSpec(image_size=32))
+    assert inputs.names == ["a-jpg-1", "a-png", "a-jpg-2", "b"]
+    written = save_images(torch.rand(4, 3, 32, 32), inputs.names, tmp_path / "out")
+    assert len({p.name for p in written}) == 4 == len(list((tmp_path / "out").iterdir()))
+
+
+def test_state_dir_gives_the_personal_part_of_the_run_the_model_names(tmp_path):
+    """A real device's state directory holds several runs' generations: the
+    personal part must be the one trained with ``--model``'s shared weights, not
+    the newest of any run."""
+    store = DeviceStore(tmp_path, "run-a")
+    ledger = {"noise": [], "rate": [], "steps": [], "participations": 0}
+    store.save(1, {"personal.embedding.weight": torch.full((1, 4), 1.0)}, ledger)
+    DeviceStore(tmp_path, "run-b").save(1, {"personal.embedding.weight": torch.full((1, 4), 2.0)},
+                                        ledger)
+
+    def personal(run):
+        args = argparse.Namespace(state_dir=str(tmp_path), device=None, storage_dir=None)
+        return personal_state(args, None, run)["personal.embedding.weight"][0, 0].item()
+
+    assert personal("run-a") == 1.0 and personal("run-b") == 2.0
+    with pytest.raises(GenerateError, match="no personal weights of run run-c, only of "
+                                            "run-a, run-b"):
+        personal("run-c")
