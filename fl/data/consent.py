@@ -19,7 +19,9 @@ granted, is not revoked and has not expired. A manifest is explicit: photos it
 does not list are not consented. Devices without a manifest follow
 ``devices.consent_default`` (``grant`` or ``deny``). A manifest that cannot be
 read denies everything (and the device says why): consent is never assumed
-from a broken file.
+from a broken file. It is read strictly (``Manifest.from_json``: every type as
+documented, no unknown key), and the reason a device sends the server says what
+kind of problem and how many photos, never which (``ConsentError.public``).
 
 ``delete_my_data: true`` asks the device to erase its personal state (personal
 weights, decoded photos) and stop taking part; its privacy ledger is kept, since
