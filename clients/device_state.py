@@ -288,17 +288,22 @@ class DeviceStore:
                        generations: list[Generation]) -> dict[str, torch.Tensor] | None:
         while base is not None:
             path = base.folder / PERSONAL_FILE
-            if not path.is_file():
-                return None  # erased by "delete my data": never resurrect older ones
-            try:
-                weights = torch.load(path, map_location="cpu", weights_only=True)
-                if isinstance(weights, dict) and all(isinstance(v, torch.Tensor)
-                                                     for v in weights.values()):
-                    return weights
-                problem = "holds no tensors"
-            except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
-                problem = f"cannot be read ({type(err).__name__})"
             older = [g for g in generations if g.readable and g.sequence < base.sequence]
+            if not path.is_file():
+                # "Delete my data" erases every generation's: nothing to fall back on.
+                # Only a damaged folder lacks the file while an older one has it.
+                if not any((g.folder / PERSONAL_FILE).is_file() for g in older):
+                    return None
+                problem = "is missing"
+            else:
+                try:
+                    weights = torch.load(path, map_location="cpu", weights_only=True)
+                    if isinstance(weights, dict) and all(isinstance(v, torch.Tensor)
+                                                         for v in weights.values()):
+                        return weights
+                    problem = "holds no tensors"
+                except Exception as err:  # noqa: BLE001 - torch raises many types
+                    problem = f"cannot be read ({type(err).__name__})"
             self._fell_back(f"{path} {problem}; falling back to "
                             f"{older[-1].folder.name if older else 'the public start'}")
             base = older[-1] if older else None

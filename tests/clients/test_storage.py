@@ -222,6 +222,7 @@ def test_a_device_with_an_unreadable_newest_ledger_refuses_to_train_but_evaluate
 
 @pytest.mark.parametrize("damage", [
     lambda g: (g / S.PERSONAL_FILE).write_bytes(b"not a torch file"),
+    lambda g: (g / S.PERSONAL_FILE).unlink(),  # a half-written folder (erasure takes all)
     lambda g: (g / S.STAMP_FILE).write_text('{"run": "run-a", "round": "2"}'),
     lambda g: (g / S.STAMP_FILE).unlink(),
 ])
