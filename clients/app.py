@@ -12,6 +12,8 @@ that says why:
 * seeded noise on a real device (one started with a ``data-dir`` or
   ``state-dir``, which only its owner sets): anyone who knows the run's seed
   could rebuild that noise and subtract it from the update;
+* simulated faults (``faults.kinds``) on a real device: only simulated devices
+  act them out (``clients.faults``, a mod around ``train``);
 * a round older than its own state of this run: the server resumed from an
   older checkpoint than the device's state, and would otherwise have it release
   a round again as if the later ones had not happened. The reply carries
@@ -56,6 +58,7 @@ from clients.device_state import (
     save_state,
     update_digest,
 )
+from clients.faults import simulated_faults
 from clients.trainer import BUDGET_EXHAUSTED as STATUS_EXHAUSTED
 from clients.trainer import TRAINED, Outcome, dp_generator, train_on_device
 from fl import protocol as P
@@ -123,12 +126,18 @@ SEEDED_REFUSAL = ("refused: the server asked for seeded noise, which anyone who 
                   "run's seed can rebuild; real devices train only with privacy.noise=secure")
 
 
+FAULTS_REFUSAL = ("refused: the server asked this device to simulate faults (faults.kinds), "
+                  "which only simulated devices do")
+
+
 def _refusal(context: Context, recipe: P.Recipe, store: DeviceStore,
              server_round: int) -> tuple[str, dict]:
     """Why this device will not train this round ("" if it will), and the metrics
     that say so to the server."""
     if recipe.noise == SEEDED and is_real_device(context):
         return SEEDED_REFUSAL, {}
+    if recipe.faults and is_real_device(context):
+        return FAULTS_REFUSAL, {}
     newest = store.newest_round()
     if newest is not None and newest > server_round:
         reason = (f"refused: this device already holds its state after round {newest} of "
@@ -195,7 +204,7 @@ def _holding_state(msg: Message, context: Context, call_next) -> Message:
         return Message(content=content, reply_to=msg)
 
 
-@app.train(mods=[_holding_state])
+@app.train(mods=[simulated_faults, _holding_state])
 def train(msg: Message, context: Context) -> Message:
     server_round = _server_round(msg)
     recipe, task, fleet, store = _instructions(msg, context)

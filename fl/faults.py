@@ -35,7 +35,7 @@ def assignment(seed: int, num_devices: int, share: float, kinds: list[str] | tup
     round(share * N) devices, drawn with a generator of their own (so turning
     faults on changes nothing else), get the kinds in turn: every kind appears as
     soon as there are at least as many faulty devices as kinds."""
-    count = int(round(share * num_devices)) if kinds else 0
+    count = round(share * num_devices) if kinds else 0
     if count == 0:
         return {}
     order = np.random.default_rng([int(seed), 0xFA17]).permutation(num_devices)[:count]

@@ -147,6 +147,11 @@ ERROR_KINDS = {
 
 
 def _check_ledger_forward(record: DeviceRecord, report: P.TrainReport) -> None:
+    """An update whose ledger went backwards is not the device's own. A reply that
+    sends no update (a refusal: e.g. its newest ledger is unreadable) keeps its
+    reason; the record keeps the larger counts (``fold_train_reports``)."""
+    if report.arrays is None and not report.trained:
+        return
     if report.participations < record.participations or report.ledger_steps < record.steps:
         raise P.MalformedReply(
             f"ledger went backwards ({report.participations} participations, "
@@ -176,7 +181,9 @@ def fold_train_reports(records: dict[int, DeviceRecord],
         records[node].status = reason
     for node, (report, _) in reports.items():
         record = records[node]
-        record.participations, record.steps = report.participations, report.ledger_steps
+        # The server's view of a ledger only grows (a refusal may report an older one).
+        record.participations = max(record.participations, report.participations)
+        record.steps = max(record.steps, report.ledger_steps)
         record.sample_rate = report.sample_rate or record.sample_rate
         record.epsilon = report.photo_eps
         record.status = "trained"

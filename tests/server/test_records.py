@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from flwr.app import ConfigRecord
 
 from fl import protocol as P
 from server.records import (
@@ -98,6 +99,14 @@ def test_a_ledger_that_goes_backwards_is_rejected():
     reports, _, rejected = _parse([_reply(1, **{P.PARTICIPATIONS: 3, P.LEDGER_STEPS: 30})],
                                   [1], records)
     assert list(reports) == [1] and rejected == {}
+    # A refusal that sends no update keeps its reason, and the record its counts.
+    refusal = _reply(1, **{P.TRAINED: 0, P.PARTICIPATIONS: 1})
+    del refusal.content[P.ARRAYS]
+    refusal.content[P.STATUS] = ConfigRecord({P.REASON: "refused: ledger unreadable"})
+    reports, _, rejected = _parse([refusal], [1], records)
+    assert rejected == {}
+    fold_train_reports(records, reports, {}, set())
+    assert records[1].participations == 3 and "ledger unreadable" in records[1].status
 
 
 def test_silent_and_erring_devices_fail_without_their_error_text():
