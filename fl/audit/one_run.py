@@ -177,7 +177,7 @@ def symmetric(canaries: int, per_octave: int | None = 2) -> list[tuple[int, int]
     (500 candidates) caps the bound at 1.57; this grid (21 candidates) at 4.90.
     """
     half = canaries // 2
-    near_half = {int(round(canaries / 2 - j * math.sqrt(canaries) / 2)) for j in (1, 2, 3)}
+    near_half = {round(canaries / 2 - j * math.sqrt(canaries) / 2) for j in (1, 2, 3)}
     grid = set(ks(half, per_octave)) | {k for k in near_half if 1 <= k <= half}
     return [(k, k) for k in sorted(grid, reverse=True)]
 

@@ -9,14 +9,25 @@ when jax_privacy is importable), and the delta = 0 closed form.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 
 import numpy as np
 import pytest
 from scipy import special, stats
 
-from fl.audit.one_run import (Guesses, audit, ceiling, count, epsilon_lower_bound, guess,
-                              ks, one_sided, p_value, symmetric)
+from fl.audit.one_run import (
+    Guesses,
+    audit,
+    ceiling,
+    count,
+    epsilon_lower_bound,
+    guess,
+    ks,
+    one_sided,
+    p_value,
+    symmetric,
+)
 
 
 def _paper_p_value(m, r, v, eps, delta):
@@ -93,7 +104,7 @@ def test_monotone_in_correct_guesses_and_never_above_the_ceiling():
     m, delta = 400, 1e-5
     top = ceiling(m, delta)
     bounds = [epsilon_lower_bound(Guesses(m, m, v), delta) for v in range(200, m + 1, 10)]
-    assert all(a <= b + 1e-9 for a, b in zip(bounds, bounds[1:]))
+    assert all(a <= b + 1e-9 for a, b in itertools.pairwise(bounds))
     assert max(bounds) == pytest.approx(top, abs=1e-6) and max(bounds) <= top + 1e-6
     # fewer guesses, all right, certify less than all m right
     assert epsilon_lower_bound(Guesses(m, 100, 100), delta) < top
