@@ -94,6 +94,11 @@ def parse_round_config(config: ConfigRecord) -> tuple[Recipe, dict[str, Any], Fl
     return Recipe(**values), task, fleet
 
 
+# Largest epsilon or loss a reply may report: far above any meaningful value, low
+# enough that means over a fleet stay finite.
+MAX_REPORTED = 1e9
+
+
 class MalformedReply(ValueError):
     """A device's reply that the server cannot use; the message is the short reason
     recorded in the device's ledger row."""
@@ -156,19 +161,25 @@ class TrainReport:
                 arrays = content[ARRAYS].to_torch_state_dict()
             except Exception as err:  # noqa: BLE001 - any undecodable array is a bad reply
                 raise MalformedReply(f"arrays cannot be decoded ({type(err).__name__})") from None
+        trained = bool(_number(m, TRAINED, integer=True, high=1))
+        if arrays is not None and not trained:
+            raise MalformedReply("arrays sent with trained=0")
         loss = m.get(TRAIN_LOSS, math.nan)
+        if not (isinstance(loss, int | float) and not isinstance(loss, bool)
+                and 0 <= loss <= MAX_REPORTED):
+            loss = math.nan  # only a metric: an absurd value is dropped, not averaged
         reason = ""
         if STATUS in content and REASON in content[STATUS]:
             reason = str(content[STATUS][REASON])[:300]
         return cls(
             node=int(reply.metadata.src_node_id),
-            trained=bool(_number(m, TRAINED, integer=True, high=1)),
+            trained=trained,
             budget_exhausted=bool(_number(m, BUDGET_EXHAUSTED, integer=True, high=1)),
             participations=_number(m, PARTICIPATIONS, integer=True),
             ledger_steps=_number(m, LEDGER_STEPS, integer=True),
             sample_rate=_number(m, SAMPLE_RATE, high=1.0),
-            photo_eps=_number(m, PHOTO_EPS),
-            train_loss=float(loss) if isinstance(loss, int | float) else math.nan,
+            photo_eps=_number(m, PHOTO_EPS, high=MAX_REPORTED),
+            train_loss=float(loss),
             photos_used=_number(m, PHOTOS_USED, integer=True, high=max_examples),
             examples=_number(m, WEIGHT_KEY, integer=True, high=max_examples),
             consent=flags | counts, reason=reason,

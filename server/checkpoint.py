@@ -109,6 +109,12 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
 
 
 def restore_strategy(strategy: Strategy, state: dict[str, Any]) -> None:
+    """Only attributes a fresh strategy of the configured class already has (a
+    checkpoint must not set ``__dict__`` or add behaviour)."""
+    unknown = sorted(set(state) - set(vars(strategy)))
+    if unknown:
+        raise ValueError(f"the checkpoint's strategy state names {unknown[:3]}, which a "
+                         f"{type(strategy).__name__} does not have; it is not this run's")
     for name, value in state.items():
         setattr(strategy, name, _decode(value))
 

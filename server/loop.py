@@ -138,6 +138,7 @@ class RoundLoop:
         self.node_of = {device: node for node, device in call.index.items()}
         result = LoopResult(shared=dict(shared), devices={
             i: DeviceRecord(f"device-{i:05d}") for i in range(n)})
+        self.resumed = resume is not None
         if resume is None:
             panel, exhausted = self._panel(), set()
             metrics = self._evaluate(0, result.shared, panel) | self._newuser(result.shared)
@@ -208,7 +209,7 @@ class RoundLoop:
                 rnd, ArrayRecord(result.shared), ConfigRecord(dict(self.config)),
                 SampledGrid(self.grid, [self.node_of[d] for d in sampled])), "trained")
         reports, failed, malformed = self._parse(replies, sampled, result)  # 4.
-        self._refuse_stale_checkpoint(rnd, result, reports)
+        self._refuse_stale_checkpoint(rnd, result, reports, malformed)
         released = self.release.release(rnd, result.shared, [  # 5.
             DeviceUpdate(device, report.arrays, report.examples, reply)
             for device, (report, reply) in reports.items() if report.arrays is not None])
@@ -257,10 +258,22 @@ class RoundLoop:
                          f"(fleet.unavailable_after={after}): not sampled again before round "
                          f"{rnd + pause + 1}")
 
-    def _refuse_stale_checkpoint(self, rnd: int, result: LoopResult, reports) -> None:
+    def _refuse_stale_checkpoint(self, rnd: int, result: LoopResult, reports,
+                                 rejected: dict[int, str]) -> None:
         """A device already trained a later round of this run: this checkpoint is
-        older than the devices' state. Stop before releasing anything. (A hostile
-        device can stop a run this way; stopping is the side that releases nothing.)"""
+        older than the devices' state. Stop before releasing anything.
+
+        Only a resumed session can be behind its devices: in a session that started
+        the run, the claim is false and the reply is rejected. In a resumed one a
+        hostile device can stop the run this way (stopping is the side that
+        releases nothing; the operator can leave that device out)."""
+        if not self.resumed:
+            for d in [d for d, (report, _) in reports.items()
+                      if report.newer_state_round is not None]:
+                del reports[d]
+                rejected[d] = ("rejected: malformed reply (claims state of a later round "
+                               "of a run this session started)")
+            return
         device, later = newer_state(result.devices, reports, rnd, self.s.rounds)
         if device:
             raise StaleCheckpoint(

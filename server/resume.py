@@ -16,9 +16,9 @@ import mlflow
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from fl.config import ConfigError, validate_strategy
+from fl.config import ConfigError, flatten, validate_strategy
 from fl.tracking import keys as K
-from fl.tracking.mlflow_run import quiet_mlflow, tracking_uri
+from fl.tracking.mlflow_run import CONFIG_ARTIFACT, quiet_mlflow, tracking_uri
 from server.checkpoint import ARTIFACT_PATH, CHECKPOINT_FILE, Checkpoint, load_checkpoint
 
 RESUMABLE = ("resume", "verbose", "tracking.uri", "checkpoint.dir", "fleet.round_timeout")
@@ -94,23 +94,33 @@ COUNTERS = (K.DEVICES_SAMPLED, K.DEVICES_TRAINED, K.USER_EPS)
 
 
 def check_history(cfg: DictConfig, checkpoint: Checkpoint) -> None:
-    """Refuse a checkpoint whose counters disagree with the run's MLflow history.
+    """Refuse a checkpoint that disagrees with its run's MLflow record.
 
-    The user-level budget is the count of released rounds (``release.released``)
-    and the history the accountant's values came from; a checkpoint edited to
-    count fewer would let a resume spend the budget again. MLflow logged every
-    completed round, so the checkpoint must know at least those rounds, count one
-    release per round, and hold the same values for them."""
-    loop = checkpoint.loop
+    The user-level budget rests on the checkpoint's configuration (the privacy
+    plan, the rounds), its count of released rounds (``release.released``) and the
+    history the accountant's values came from; a checkpoint edited in any of them
+    would let a resume spend the budget again. MLflow holds the configuration
+    logged when the run started and every completed round, so the checkpoint must
+    carry the same configuration (but for ``RESUMABLE`` keys), count one release
+    per round, know every round MLflow logged, and hold the same values for them.
+    A run that cannot be read in the tracking store is refused: the check fails
+    closed."""
+    loop, uri = checkpoint.loop, tracking_uri(cfg)
+    client = MlflowClient(uri)
+    try:
+        client.get_run(checkpoint.run_id)
+        logged_config = Path(client.download_artifacts(checkpoint.run_id, CONFIG_ARTIFACT))
+        logged = {key: client.get_metric_history(checkpoint.run_id, key) for key in COUNTERS}
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types for a missing run
+        raise ConfigError(
+            f"resume={cfg.resume!r}: run {checkpoint.run_id} or its logged configuration "
+            f"cannot be read at {uri} ({str(err).splitlines()[0][:120]}); a checkpoint is "
+            "checked against its run's MLflow record before it is trusted. Give the run's "
+            "tracking.uri.") from None
+    problems = _config_differences(checkpoint.config_yaml, logged_config.read_text())
     released = int(loop.release.get("released", -1))
-    problems = []
     if released != loop.round:
         problems.append(f"it counts {released} released rounds after round {loop.round}")
-    client = MlflowClient(tracking_uri(cfg))
-    try:
-        logged = {key: client.get_metric_history(checkpoint.run_id, key) for key in COUNTERS}
-    except Exception:  # noqa: BLE001 - no such run in this store: the resume says so
-        logged = {}
     last = max((m.step for series in logged.values() for m in series), default=0)
     if last > loop.round:
         problems.append(f"MLflow logged round {last}, after its round {loop.round}")
@@ -125,9 +135,23 @@ def check_history(cfg: DictConfig, checkpoint: Checkpoint) -> None:
     if problems:
         raise ConfigError(
             f"resume={cfg.resume!r}: the checkpoint of run {checkpoint.run_id} disagrees with "
-            f"the run's MLflow history: {'; '.join(problems)}. It was edited or belongs to "
+            f"the run's MLflow record: {'; '.join(problems)}. It was edited or belongs to "
             "another run; resuming from it could spend the privacy budget again. Resume from "
             "the run's own newest checkpoint.")
+
+
+def _config_differences(saved_yaml: str, logged_yaml: str) -> list[str]:
+    def comparable(text: str) -> dict[str, str]:
+        flat = flatten(OmegaConf.create(text))
+        return {k: v for k, v in flat.items()
+                if not any(k == r or k.startswith(r + ".") for r in RESUMABLE)}
+
+    saved, logged = comparable(saved_yaml), comparable(logged_yaml)
+    differ = sorted(k for k in saved.keys() | logged.keys() if saved.get(k) != logged.get(k))
+    if not differ:
+        return []
+    shown = ", ".join(f"{k}={saved.get(k)!s} (logged {logged.get(k)!s})" for k in differ[:3])
+    return [f"its configuration differs from the one logged at the start: {shown}"]
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Checkpoint]:

@@ -4,8 +4,10 @@ Flower draws node ids at random per run. The roll call maps them to stable devic
 indices, which the seeded sampling, the evaluation panel and the pseudonymous
 ledger rows rely on, so that runs with different settings see the same users.
 
-A device that errors, is slow, or claims an index that is not its to claim is
-left out of this session and logged; the run starts when at least
+A device that errors, is slow, or claims an index outside the fleet is left
+out of this session and logged, and so is every node claiming an index another
+node claims too (which of them is the device cannot be told here: with
+``--enable-supernode-auth`` only registered keys can claim at all); the run starts when at least
 ``fleet.start_quorum`` of ``fleet.num_devices`` answered. Devices left out are
 absent, not removed: they keep their place in the fleet (the sampling still
 draws from all N, so nobody's sampling rate rises) and take part again in a
@@ -33,7 +35,7 @@ ROLL_CALL_TIMEOUT = 60.0
 @dataclass
 class RollCall:
     index: dict[int, int]  # node id -> device index, in device-index order
-    left_out: dict[str, str] = field(default_factory=dict)  # who -> why, for the log
+    left_out: dict[int, str] = field(default_factory=dict)  # node id -> why, for the log
 
 
 def quorum(num_devices: int, share: float) -> int:
@@ -61,21 +63,26 @@ def roll_call(grid: Grid, nodes: list[int], num_devices: int, needed: int, timeo
     """Ask every connected node its device index; keep the valid, first answers."""
     messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
                 for n in nodes]
-    index: dict[int, int] = {}
-    left_out: dict[str, str] = {}
+    claims: dict[int, list[int]] = {}  # device index -> nodes claiming it
+    left_out: dict[int, str] = {}  # node -> why
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         why, device = _claimed_index(reply, num_devices)
-        if not why and device in index.values():
-            why = f"claims device index {device}, which another node already answered for"
         if why:
-            left_out[f"node {node}"] = why
-        else:
-            index[node] = device
-    for node in set(nodes) - set(index) - {int(k.split()[1]) for k in left_out}:
-        left_out[f"node {node}"] = f"did not answer within {timeout:g}s"
-    for who, why in left_out.items():
-        log(f"roll call: {who} left out: {why}")
+            left_out[node] = why
+        elif node not in left_out and all(node not in n for n in claims.values()):
+            claims.setdefault(device, []).append(node)
+    index = {}
+    for device, claimants in claims.items():
+        if len(claimants) == 1:
+            index[claimants[0]] = device
+        else:  # which one is the device is unknowable here: none of them takes part
+            left_out |= {n: f"claims device index {device}, as {len(claimants) - 1} other "
+                            "node(s) did" for n in claimants}
+    for node in set(nodes) - set(index) - set(left_out):
+        left_out[node] = f"did not answer within {timeout:g}s"
+    for node, why in left_out.items():
+        log(f"roll call: node {node} left out: {why}")
     if len(index) < needed:
         raise RuntimeError(
             f"only {len(index)} of fleet.num_devices={num_devices} devices answered the roll "

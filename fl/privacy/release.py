@@ -71,8 +71,9 @@ def screen_update(arrays: dict[str, torch.Tensor], reference: dict[str, torch.Te
     missing = sorted(set(reference) - set(arrays))
     extra = sorted(set(arrays) - set(reference))
     if missing or extra:
+        # Missing names are the server's own; extra ones are the device's words: a count.
         parts = ([f"missing arrays {missing[:3]}"] if missing else []) + (
-            [f"unexpected arrays {extra[:3]}"] if extra else [])
+            [f"{len(extra)} unexpected arrays"] if extra else [])
         return "; ".join(parts)
     for key, ref in reference.items():
         value = arrays[key]

@@ -90,24 +90,35 @@ def test_a_killed_run_resumed_spends_exactly_what_an_uninterrupted_run_spends(
 
 
 def _checkpoint(tmp_path: Path, cfg) -> Path:
+    """A round-1 checkpoint of a run that exists in ``cfg``'s MLflow store, with
+    ``cfg`` logged as its configuration (a resume checks both)."""
     from omegaconf import OmegaConf
 
+    from fl.tracking.mlflow_run import CONFIG_ARTIFACT
+
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name("resume-tests")
+    run_id = client.create_run(experiment.experiment_id if experiment else
+                               client.create_experiment("resume-tests")).info.run_id
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    client.log_text(run_id, config_yaml, CONFIG_ARTIFACT)
     state = LoopState(round=1, shared={"w": torch.zeros(2)}, history={0: {}, 1: {}},
                       devices={}, exhausted=[], panel=[], release={"released": 1},
                       rng={"bit_generator": "PCG64"})
-    return save_checkpoint(tmp_path / "last.pt", Checkpoint(
-        "0" * 32, OmegaConf.to_yaml(cfg, resolve=True), {}, state))
+    return save_checkpoint(tmp_path / "last.pt", Checkpoint(run_id, config_yaml, {}, state))
 
 
 def test_resume_keeps_the_runs_own_configuration_and_refuses_changes(tmp_path):
-    original = compose(["fleet.rounds=7", "privacy=photo"])
+    uri = f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"
+    original = compose(["fleet.rounds=7", "privacy=photo", uri])
     path = _checkpoint(tmp_path, original)
-    cfg, checkpoint = resumed_config(compose([f"resume={path}"]),
-                                     [f"resume={path}", "verbose=true"])
+    cfg, checkpoint = resumed_config(compose([f"resume={path}", uri]),
+                                     [f"resume={path}", "verbose=true", uri])
     assert cfg.fleet.rounds == 7 and cfg.privacy.user.enabled is False and cfg.verbose
     assert checkpoint.loop.round == 1
     with pytest.raises(ConfigError, match=r"fleet.rounds=9 cannot change on resume"):
-        resumed_config(compose([f"resume={path}"]), [f"resume={path}", "fleet.rounds=9"])
+        resumed_config(compose([f"resume={path}", uri]),
+                       [f"resume={path}", "fleet.rounds=9", uri])
 
 
 def test_resume_of_an_unknown_run_says_what_to_give(tmp_path):
@@ -116,8 +127,20 @@ def test_resume_of_an_unknown_run_says_what_to_give(tmp_path):
     with pytest.raises(ConfigError, match="neither a checkpoint file nor an MLflow run"):
         resumed_config(cfg, [])
     (tmp_path / "junk.pt").write_text("not a checkpoint")
+    # A checkpoint whose run is not in the store is not trusted (the check fails closed).
+    elsewhere = save_checkpoint(tmp_path / "elsewhere.pt", Checkpoint(
+        "e" * 32, "seed: 0\n", {}, LoopState(round=0, shared={}, history={}, devices={},
+                                             exhausted=[], panel=[], release={"released": 0},
+                                             rng={})))
+    with pytest.raises(ConfigError, match="cannot be read at"):
+        resumed_config(compose([f"resume={elsewhere}", *cfg_args(tmp_path)]),
+                       [f"resume={elsewhere}", *cfg_args(tmp_path)])
     with pytest.raises(ValueError, match="not a readable fedface server checkpoint"):
         resumed_config(compose([f"resume={tmp_path / 'junk.pt'}"]), [])
+
+
+def cfg_args(tmp_path: Path) -> list[str]:
+    return [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", f"checkpoint.dir={tmp_path}"]
 
 
 def test_a_checkpoint_older_than_the_runs_newest_is_refused_with_the_one_to_use(tmp_path):
@@ -170,13 +193,13 @@ def test_a_checkpoint_that_disagrees_with_the_runs_mlflow_history_is_refused(tmp
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     cfg = compose([f"checkpoint.dir={tmp_path / 'checkpoints'}", f"tracking.uri={uri}"])
     client = mlflow.MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    honest = load_checkpoint(_checkpoint(tmp_path, cfg))
+    run_id = honest.run_id
     history = {r: {K.DEVICES_SAMPLED: 10.0, K.DEVICES_TRAINED: 9.0, K.USER_EPS: 0.5 * r}
                for r in (1, 2, 3)}
     for r, metrics in history.items():
         for key, value in metrics.items():
             client.log_metric(run_id, key, value, step=r)
-    honest = dataclasses.replace(load_checkpoint(_checkpoint(tmp_path, cfg)), run_id=run_id)
     honest.loop = dataclasses.replace(honest.loop, round=3, release={"released": 3},
                                       history={0: {}, **history})
     edits = {
@@ -186,11 +209,17 @@ def test_a_checkpoint_that_disagrees_with_the_runs_mlflow_history_is_refused(tmp
         "of round 3 is 0.0, MLflow logged 1.5": {
             "history": {0: {}, **history, 3: history[3] | {K.USER_EPS: 0.0}}},
     }
+    edited_config = honest.config_yaml.replace("budget_epsilon: 8.0", "budget_epsilon: 0")
+    assert edited_config != honest.config_yaml
     args = [f"checkpoint.dir={tmp_path / 'checkpoints'}", f"tracking.uri={uri}"]
     for problem, change in edits.items():
         edited = dataclasses.replace(honest, loop=dataclasses.replace(honest.loop, **change))
         path = save_checkpoint(tmp_path / "edited.pt", edited)
         with pytest.raises(ConfigError, match=re.escape(problem)):
             resumed_config(compose([f"resume={path}", *args]), [f"resume={path}", *args])
+    path = save_checkpoint(tmp_path / "edited.pt", dataclasses.replace(
+        honest, config_yaml=edited_config))
+    with pytest.raises(ConfigError, match=r"privacy.photo.budget_epsilon=0 \(logged 8.0\)"):
+        resumed_config(compose([f"resume={path}", *args]), [f"resume={path}", *args])
     path = save_checkpoint(tmp_path / "honest.pt", honest)
     resumed_config(compose([f"resume={path}", *args]), [f"resume={path}", *args])
