@@ -49,9 +49,10 @@ RELEASED_BY_SERVER_WITHOUT_DP = {
     "updates (the fraction whose norm passed the clip): a function of each device's update "
     "before noise, so in a small cohort it tells whether one device's update was large",
     "fleet/devices_sampled, fleet/devices_trained, fleet/devices_failed, "
-    "fleet/devices_rejected (per round)":
-        "reveal the size of each round's cohort and how many of it trained or failed; "
-        "changes between rounds show when devices joined, failed or dropped out",
+    "fleet/devices_rejected, fleet/devices_unavailable, fleet/devices_absent (per round)":
+        "reveal the size of each round's cohort and how many of it trained, failed, were "
+        "rejected, paused or absent; changes between rounds show when devices joined, "
+        "failed or dropped out",
     "privacy/ledger.json (per device: participations, steps, sample rate, photo-level "
     "epsilon, status, consent and data counts)": "reveals which pseudonymous device took "
     "part how often (with the per-round counts and photo-level epsilons, in which rounds); "
