@@ -30,6 +30,7 @@ directories. docs/deployment.md walks through the same steps on several machines
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -169,8 +170,28 @@ class Deployment:
 STRANGER_ATTEMPTS = {  # what a stranger tries, and the Control API route it needs
     "register a node": ("/v1/control/register-node", ["supernode", "register", "{pub}"]),
     "list runs": ("/v1/control/list-runs", ["ls"]),
-    "start a run": ("/v1/control/start-run", ["run", str(REPO)]),
+    "start a run": ("/v1/control/start-run", ["run", "{app}"]),
 }
+STRANGER_APP = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "takeover"
+version = "1.0.0"
+description = "what a stranger would run on every device"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "stranger"
+
+[tool.flwr.app.components]
+serverapp = "takeover:server"
+clientapp = "takeover:client"
+
+[tool.flwr.app.config]
+"""
 
 
 def stranger_attempts(deployment: Deployment) -> dict[str, subprocess.CompletedProcess]:
@@ -180,13 +201,24 @@ def stranger_attempts(deployment: Deployment) -> dict[str, subprocess.CompletedP
     home, name = deployment.work / "stranger-home", "stranger"
     make_node_keys(deployment.certs, name)
     write_connection(home, deployment.fleet_address, deployment.certs / "ca.crt", name)
+    app = home / "takeover"  # any app will do; a small one is packed in a second
+    app.mkdir()
+    (app / "pyproject.toml").write_text(STRANGER_APP, encoding="utf-8")
+    (app / "takeover.py").write_text("server = client = None  # never reaches a device\n",
+                                     encoding="utf-8")
     env = dict(deployment.env, FLWR_HOME=str(home))
     results = {}
     for what, (_, args) in STRANGER_ATTEMPTS.items():
-        args = [a.format(pub=deployment.certs / f"{name}.pub") for a in args]
+        args = [a.format(pub=deployment.certs / f"{name}.pub", app=app) for a in args]
         results[what] = subprocess.run(["flwr", *args, name], env=env, capture_output=True,
                                        text=True, timeout=120, check=False)
     return results
+
+
+def cli_error(output: str) -> str:
+    """The message of a ``flwr`` error panel, without its box and line wrapping."""
+    flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
+    return flat.split(" Error ", 1)[1] if " Error " in flat else flat
 
 
 def prepare(work: Path, photos: int = 14) -> list[tuple[str, Path, Path]]:
@@ -238,11 +270,11 @@ def main(overrides: list[str]) -> int:
             f"{deployment.superlink_port} only; fleet gateway for devices on "
             f"{deployment.fleet_address}; {len(devices)} SuperNodes; logs in {work / 'logs'}")
         for what, done in stranger_attempts(deployment).items():
-            reason = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["?"]
             if done.returncode == 0:
                 raise RuntimeError(f"a stranger could {what} through the fleet port: "
                                    f"{done.stdout}")
-            say(f"a stranger with ca.crt, via the fleet port, tried to {what}: {reason[0]}")
+            say(f"a stranger with ca.crt, via the fleet port, tried to {what}: "
+                f"{cli_error(done.stdout + done.stderr)}")
         code = subprocess.run(flwr_run_command(CONNECTION, pinned), env=deployment.env,
                               cwd=REPO, check=False).returncode
     finally:

@@ -14,7 +14,6 @@ devices' disks; nothing is left running.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from experiments.deploy_demo import (
     DEMO_OVERRIDES,
     STRANGER_ATTEMPTS,
     Deployment,
+    cli_error,
     prepare,
     stranger_attempts,
     write_connection,
@@ -90,11 +90,6 @@ def _fleet_register(deployment: Deployment, key: str) -> tuple[int, str]:
     except httpx.HTTPStatusError as err:
         return err.response.status_code, err.response.text
     return 200, "registered"
-
-
-def _flat(text: str) -> str:
-    """CLI output without the box drawing and line wrapping of its error panel."""
-    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
 
 
 @pytest.fixture(scope="module")
@@ -188,10 +183,10 @@ def test_a_stranger_with_the_ca_certificate_cannot_steer_the_deployment(deployme
     assert r["listening"]["gateway"]
     for what, (route, _) in STRANGER_ATTEMPTS.items():
         done = r["stranger"][what]
-        output = _flat(done.stdout + done.stderr)
+        output = cli_error(done.stdout + done.stderr)
         assert done.returncode != 0, f"a stranger could {what}: {output}"
         # refused by the gateway, for this route, not by a broken command or connection
-        assert f"{REFUSED}: POST {route} is not served here" in output, output
+        assert output == f"{REFUSED}: POST {route} is not served here", output
         assert f"refused POST '{route}'" in r["gateway_log"]
     status, text = r["runtime"]
     assert status == 404 and REFUSED in text
