@@ -10,6 +10,7 @@ import sys
 
 from experiments.bench import (
     fleet,
+    import_time,
     init_and_personal,
     local_step,
     poisoning,
@@ -21,7 +22,8 @@ from experiments.bench.common import save, table
 
 BENCHES = {"renderer": renderer.run, "local_step": local_step.run, "fleet": fleet.run,
            "privacy_utility": privacy_utility.run, "init_and_personal": init_and_personal.run,
-           "tracking_overhead": tracking_overhead.run, "poisoning": poisoning.run}
+           "tracking_overhead": tracking_overhead.run, "poisoning": poisoning.run,
+           "import_time": import_time.run}
 
 
 def main(names: list[str]) -> None:

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from fl.data.controls import NUM_CONTROLS, check_controls, light_from_images
-from fl.data.images import UnusablePhoto, read_face
 from fl.data.synthfaces import Identity
 
 log = logging.getLogger("fedface.data")
@@ -155,6 +154,8 @@ def load_files(spec, files: Sequence[PhotoFile], label: str,
     most ``photos_max`` photos, which keeps the photo-level delta valid.
     ``skipped`` holds files the source already found unusable (e.g. unlabelled).
     """
+    from fl.data.images import UnusablePhoto, read_face  # PIL: only on-disk sources decode
+
     images, ids, controls, converted = [], [], [], []
     skipped = list(skipped)
     for f in files:
