@@ -216,6 +216,8 @@ class RoundLoop:
         rejected = malformed | {d: f"rejected: {why}" for d, why in released.rejected.items()}
         losses, photos_used = fold_train_reports(result.devices, reports, failed | rejected,
                                                  exhausted)
+        for d, why in sorted(rejected.items()):
+            self.log(f"round {rnd}: {result.devices[d].device} {why}")
         self._note_availability(rnd, sampled, failed, result)
         result.shared = released.state
         train_seconds = time.time() - start
