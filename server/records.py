@@ -3,8 +3,9 @@
 A device reports (as scalars) its photo-level ledger, its consent counts and,
 when it took no part, a one-line reason. The server folds those replies into
 one ``DeviceRecord`` per device and derives the round's fleet, consent and
-photo-level metrics from the records. Records are keyed by Flower node id in
-memory and by the device's stable index in the checkpoint.
+photo-level metrics from the records. Parsing works on Flower node ids (what a
+reply carries); the round loop keys records by the device's stable index, in
+memory and in the checkpoint.
 """
 
 from __future__ import annotations
