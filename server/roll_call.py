@@ -65,12 +65,16 @@ def roll_call(grid: Grid, nodes: list[int], num_devices: int, needed: int, timeo
                 for n in nodes]
     claims: dict[int, list[int]] = {}  # device index -> nodes claiming it
     left_out: dict[int, str] = {}  # node -> why
+    answered: set[int] = set()  # a node's first answer counts (O(1) per reply)
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
+        if node in answered:
+            continue
+        answered.add(node)
         why, device = _claimed_index(reply, num_devices)
         if why:
             left_out[node] = why
-        elif node not in left_out and all(node not in n for n in claims.values()):
+        else:
             claims.setdefault(device, []).append(node)
     index = {}
     for device, claimants in claims.items():
