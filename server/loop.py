@@ -51,6 +51,8 @@ from server.newuser import newuser_score
 from server.progress import Progress
 from server.records import (
     DeviceRecord,
+    DeviceRecords,
+    Eligible,
     fleet_consent,
     fold_evaluate_replies,
     fold_train_reports,
@@ -60,7 +62,7 @@ from server.records import (
     parse_train_replies,
     photo_metrics,
 )
-from server.roll_call import ROLL_CALL_TIMEOUT, quorum, roll_call, wait_for_nodes
+from server.roll_call import ROLL_CALL_TIMEOUT, learn_indices, quorum
 from server.sampling import CohortSampler
 from server.transport import SampledGrid, Transport
 
@@ -89,7 +91,8 @@ class LoopSettings:
 class LoopResult:
     shared: dict[str, torch.Tensor]
     history: dict[int, dict[str, float]] = field(default_factory=dict)
-    devices: dict[int, DeviceRecord] = field(default_factory=dict)  # by device index
+    # by device index; only devices that took part have one (server.records)
+    devices: dict[int, DeviceRecord] = field(default_factory=lambda: DeviceRecords())
     stopped: str = ""  # why the run ended early, if it did
 
 
@@ -132,12 +135,11 @@ class RoundLoop:
         checkpoint's ``resume`` state, the rest of the run."""
         n = self.s.num_devices
         needed = quorum(n, self.s.start_quorum)
-        call = roll_call(self.grid, wait_for_nodes(self.grid, n, needed), n, needed,
-                         max(self.s.round_timeout, ROLL_CALL_TIMEOUT), self.log)
+        call = learn_indices(self.grid, n, needed, max(self.s.round_timeout, ROLL_CALL_TIMEOUT),
+                             self.log)  # from the simulation engine, or a roll call
         self.index = call.index  # node id -> device index, this session only
         self.node_of = {device: node for node, device in call.index.items()}
-        result = LoopResult(shared=dict(shared), devices={
-            i: DeviceRecord(f"device-{i:05d}") for i in range(n)})
+        result = LoopResult(shared=dict(shared))
         self.resumed = resume is not None
         if resume is None:
             panel, exhausted = self._panel(), set()
@@ -156,9 +158,7 @@ class RoundLoop:
             if rnd == released_already:  # 6. persisted before the stop: never redrawn
                 metrics = dict(result.history[rnd])
             else:
-                eligible = [d for d, record in result.devices.items()
-                            if d in self.node_of and d not in exhausted and not record.gone
-                            and record.available(rnd)]
+                eligible = Eligible(self.node_of, result.devices, exhausted, rnd)
                 result.stopped = self._stop_reason(eligible, result, exhausted)  # 1.
                 if result.stopped:
                     break
@@ -187,17 +187,17 @@ class RoundLoop:
             self.s.sampling, self.s.devices_per_round, self.s.num_devices, self.s.seed)
         return sorted(sampler.choose(list(range(self.s.num_devices)), self.s.eval_devices))
 
-    def _stop_reason(self, eligible: list[int], result: LoopResult, exhausted: set[int]) -> str:
-        if not eligible:
+    def _stop_reason(self, eligible: Eligible, result: LoopResult, exhausted: set[int]) -> str:
+        if not eligible.any():
             records = result.devices.values()
-            return (f"no device can train: of {len(result.devices)} devices, "
+            return (f"no device can train: of {self.s.num_devices} devices, "
                     f"{len(exhausted)} spent their photo-level budget, "
                     f"{sum(r.gone for r in records)} deleted their data or were excluded, "
-                    f"{len(result.devices) - len(self.node_of)} are absent from this session "
+                    f"{self.s.num_devices - len(self.node_of)} are absent from this session "
                     "and the rest missed fleet.unavailable_after rounds in a row")
         return self.release.stop_reason()
 
-    def _train_and_release(self, rnd: int, eligible: list[int], result: LoopResult,
+    def _train_and_release(self, rnd: int, eligible: Eligible, result: LoopResult,
                            exhausted: set[int]) -> dict[str, float]:
         """Steps 2-5: sample, train, record, release. Returns the round's metrics."""
         start = time.time()

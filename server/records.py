@@ -6,6 +6,11 @@ one ``DeviceRecord`` per device and derives the round's fleet, consent and
 photo-level metrics from the records. Parsing works on Flower node ids (what a
 reply carries); the round loop keys records by the device's stable index, in
 memory and in the checkpoint.
+
+Only devices that took part (were sampled while present) have a record
+(``DeviceRecords``): a device never asked is exactly a fresh record, so the
+server's memory, checkpoint and ledger table grow with the devices that took
+part, not with the fleet (100,000 devices, 100 a round).
 """
 
 from __future__ import annotations
@@ -72,6 +77,39 @@ class DeviceRecord:
         self.excluded = self.excluded or bool(m.get(P.EXCLUDED, 0))
         if reason:
             self.status = f"not trained: {reason}"
+
+
+class DeviceRecords(dict):
+    """Device index -> ``DeviceRecord``, made on first use: a device with no
+    record yet is one that never took part. ``get`` and ``in`` make none."""
+
+    def __missing__(self, device: int) -> DeviceRecord:
+        record = self[device] = DeviceRecord(f"device-{device:05d}")
+        return record
+
+
+class Eligible:
+    """The devices that can train in round ``rnd``, as a membership test over the
+    whole fleet without listing it: present in this session (``present``: device
+    index -> node id), budget not spent, data not deleted or excluded, not paused.
+    A device without a record never took part and is eligible if present."""
+
+    def __init__(self, present: Collection[int], records: dict[int, DeviceRecord],
+                 exhausted: Collection[int], rnd: int) -> None:
+        self.present, self.records, self.exhausted, self.rnd = present, records, exhausted, rnd
+
+    def __contains__(self, device: int) -> bool:
+        if device not in self.present or device in self.exhausted:
+            return False
+        record = self.records.get(device)
+        return record is None or (not record.gone and record.available(self.rnd))
+
+    def any(self) -> bool:
+        """Whether at least one device can train (O(devices with a record))."""
+        blocked = sum(1 for d in set(self.exhausted) if d in self.present) + sum(
+            1 for d, r in self.records.items() if d in self.present and d not in self.exhausted
+            and (r.gone or not r.available(self.rnd)))
+        return blocked < len(self.present)
 
 
 def fleet_consent(records) -> dict[str, float]:

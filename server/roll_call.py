@@ -1,8 +1,17 @@
-"""Who is in the fleet: wait for the devices, then ask each which device it is.
+"""Who is in the fleet: node id -> device index, once per session.
 
-Flower draws node ids at random per run. The roll call maps them to stable device
+Flower draws node ids at random per run. The loop maps them to stable device
 indices, which the seeded sampling, the evaluation panel and the pseudonymous
 ledger rows rely on, so that runs with different settings see the same users.
+Two ways (``learn_indices`` picks):
+
+* **simulation**: the Simulation Engine itself numbered the nodes (the
+  ``partition-id`` each ClientApp trains as); ``server.engine_nodes`` hands that
+  mapping to the grid, and ``from_engine`` reads it. No message is sent, so
+  start-up does not grow with the fleet (one message per device cost 204 s at
+  10,000 devices).
+* **deployment** (or a Flower without the engine hook): the roll call below
+  waits for the devices, then asks each which device it is.
 
 A device that errors, is slow, or claims an index outside the fleet is left
 out of this session and logged, and so is every node claiming an index another
@@ -56,6 +65,46 @@ def wait_for_nodes(grid: Grid, expected: int, needed: int,
                 "more SuperNodes, or lower fleet.start_quorum or fleet.num_devices")
         time.sleep(0.2)
     return nodes
+
+
+def learn_indices(grid: Grid, num_devices: int, needed: int, timeout: float,
+                  log: Callable[[str], None] = print) -> RollCall:
+    """From the simulation engine if the grid offers it (``engine_partitions``),
+    otherwise by the roll call."""
+    offered = getattr(grid, "engine_partitions", None)
+    partitions = offered(CONNECT_TIMEOUT) if callable(offered) else None
+    if partitions is not None:
+        return from_engine(grid, partitions, num_devices, needed, log)
+    return roll_call(grid, wait_for_nodes(grid, num_devices, needed), num_devices, needed,
+                     timeout, log)
+
+
+def from_engine(grid: Grid, partitions: dict[int, int], num_devices: int, needed: int,
+                log: Callable[[str], None] = print) -> RollCall:
+    """The simulation's own node id -> partition id, for the nodes connected now.
+
+    The engine registers exactly ``fleet.num_devices`` nodes numbered 0..N-1; any
+    other mapping is not this fleet's and stops the run. A registered node that
+    the grid does not list is absent from this session, as a device that missed
+    the roll call would be."""
+    devices = sorted(partitions.values())
+    if devices != list(range(num_devices)):
+        raise RuntimeError(
+            f"the simulation engine numbered its {len(partitions)} nodes "
+            f"{devices[:3]}..{devices[-3:]}, not 0..{num_devices - 1} as "
+            f"fleet.num_devices={num_devices} asks: the engine is not running this fleet")
+    connected = set(grid.get_node_ids())
+    index = {node: device for node, device in sorted(partitions.items(), key=lambda i: i[1])
+             if node in connected}
+    left_out = {node: "not connected to the simulation" for node in partitions
+                if node not in connected}
+    for node, why in left_out.items():
+        log(f"engine roll call: node {node} (device {partitions[node]}) left out: {why}")
+    if len(index) < needed:
+        raise RuntimeError(
+            f"only {len(index)} of fleet.num_devices={num_devices} simulated devices are "
+            f"connected, fewer than the {needed} fleet.start_quorum asks for")
+    return RollCall(index, left_out)
 
 
 def roll_call(grid: Grid, nodes: list[int], num_devices: int, needed: int, timeout: float,

@@ -22,7 +22,7 @@ devices drop out; the round's ``fleet/devices_sampled`` shows it.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,18 +45,22 @@ class CohortSampler:
         node ids are unsigned 64-bit and would not survive an int64 array."""
         return [nodes[i] for i in self.rng.choice(len(nodes), k, replace=False)]
 
-    def cohort(self, fleet: Sequence[int], eligible: Collection[int]) -> list[int]:
+    def cohort(self, fleet: Sequence[int], eligible: Container[int]) -> list[int]:
         """This round's devices: drawn from ``fleet`` (all N, in device order) by
-        the accounted scheme, then restricted to those in ``eligible``."""
+        the accounted scheme, then restricted to those in ``eligible`` (any
+        membership test: the loop's ``server.records.Eligible`` never lists the
+        fleet). Only the draw touches the generator, so what is eligible never
+        changes who is drawn."""
         if len(fleet) != self.n:
             raise ValueError(f"the fleet has {len(fleet)} devices, the accountant assumes "
                              f"{self.n}")
         if self.scheme == "poisson":
-            drawn = [n for n, u in zip(fleet, self.rng.random(len(fleet)))
-                     if u < self.k / self.n]
+            joins = self.rng.random(len(fleet)) < self.k / self.n  # one draw per device
+            drawn = [fleet[i] for i in np.flatnonzero(joins)]
         else:
             drawn = self.choose(fleet, self.k)
-        eligible = set(eligible)
+        if isinstance(eligible, list | tuple):
+            eligible = set(eligible)
         return [n for n in drawn if n in eligible]
 
     def state(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from clients.app import app as client_app
 from fl.config import validate
 from server.app import Summary, run_experiment
 from server.checkpoint import Checkpoint
+from server.engine_nodes import EngineGrid, recording_engine_nodes
 
 
 class _DropChosenDeprecation(logging.Filter):
@@ -60,6 +61,7 @@ def simulate(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None = None,
 
     @server_app.main()
     def main(grid: Grid, context) -> None:
+        grid = EngineGrid(grid, engine_nodes)  # node -> device index, without a roll call
         try:
             outcome["summary"] = run_experiment(wrap_grid(grid) if wrap_grid else grid, cfg,
                                                 resume=resume)
@@ -76,9 +78,10 @@ def simulate(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None = None,
         "init_args": {"logging_level": logging.ERROR, "log_to_driver": bool(cfg.verbose),
                       "include_dashboard": False},
     }
-    run_simulation(server_app=server_app, client_app=client_app,
-                   num_supernodes=int(cfg.fleet.num_devices),
-                   backend_config=backend_config, verbose_logging=bool(cfg.verbose))
+    with recording_engine_nodes() as engine_nodes:
+        run_simulation(server_app=server_app, client_app=client_app,
+                       num_supernodes=int(cfg.fleet.num_devices),
+                       backend_config=backend_config, verbose_logging=bool(cfg.verbose))
     if "error" in outcome:
         raise outcome["error"]
     if "summary" not in outcome:

@@ -1,12 +1,21 @@
-"""Fleet throughput vs the same local training back to back (framework overhead).
+"""Fleet throughput against the same local training back to back and as pure compute.
 
-Fleet: the default fleet through Flower's Simulation Engine (Ray, one worker per
-core), training only (no evaluation panel, no new-user check), device updates per
-second over the rounds. Back to back: the same ClientApp ``train`` called in this
-process, one device after another, on real Flower messages and contexts.
+Three ways to do the same device updates (the same devices, recipe and weights):
 
-The overhead ratio compares core-seconds per device update:
-``(fleet seconds per update x workers) / (back-to-back seconds per update)``.
+* **fleet**: the default fleet through Flower's Simulation Engine (Ray, one worker
+  per core), training only (no evaluation panel, no new-user check), device
+  updates per second over the rounds;
+* **back to back**: the ClientApp's ``train`` called in this process, one device
+  after another, on real Flower messages and contexts (it opens the device,
+  builds the model, loads and saves the device's state);
+* **pure compute**: only ``clients.trainer.train_on_device`` (DP-SGD with Opacus'
+  ``make_private``), on models built and photos loaded beforehand, without
+  Flower, storage or messages.
+
+Ratios compare core-seconds per device update:
+``(fleet seconds per update x workers) / (pure compute seconds per update)``,
+and the same for back to back. ``breakdown`` splits one back-to-back update into
+its parts (what the ClientApp adds to pure compute).
 """
 
 from __future__ import annotations
@@ -20,10 +29,14 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from clients.app import app as client_app
+from clients.trainer import dp_generator, train_on_device
 from fl import protocol as P
 from fl.config import compose, fleet_spec, recipe, task_params
+from fl.data.device_data import load_device_data
 from fl.pretrain import load_checkpoint
+from fl.privacy.ledger import PhotoLedger
 from fl.privacy.plan import privacy_plan
+from fl.tasks import get_task
 from fl.tracking import keys as K
 from fl.tracking.model_init import resolve_init
 
@@ -42,17 +55,21 @@ def _fleet_rates(cfg, repeats: int) -> list[float]:
     return rates
 
 
-def _back_to_back_seconds(cfg, updates: int) -> list[float]:
+def _devices(cfg, updates: int) -> list[int]:
+    """The devices both in-process modes train: drawn like a fleet's rounds."""
+    rng = np.random.default_rng(0)
+    return [int(d) for d in rng.choice(cfg.fleet.num_devices, updates, replace=True)]
+
+
+def _back_to_back_seconds(cfg, devices: list[int]) -> list[float]:
     torch.set_num_threads(1)
     checkpoint = load_checkpoint(cfg.model.init)
     spec = fleet_spec(cfg)
     config = P.round_config(recipe(cfg, privacy_plan(cfg).photo), task_params(cfg), spec)
     config["server-round"] = 1
-    rng = np.random.default_rng(0)
     contexts: dict[int, Context] = {}
     seconds = []
-    for device in rng.choice(spec.num_devices, updates, replace=True):
-        device = int(device)
+    for device in devices:
         context = contexts.setdefault(device, Context(
             run_id=0, node_id=device, node_config={"partition-id": device},
             state=RecordDict(), run_config={}))
@@ -71,18 +88,51 @@ def _back_to_back_seconds(cfg, updates: int) -> list[float]:
     return seconds
 
 
+def _pure_compute_seconds(cfg, devices: list[int]) -> list[float]:
+    """``train_on_device`` alone: every model built, its weights loaded, and every
+    device's photos loaded before the clock starts."""
+    torch.set_num_threads(1)
+    checkpoint = load_checkpoint(cfg.model.init)
+    spec = fleet_spec(cfg)
+    the_recipe = recipe(cfg, privacy_plan(cfg).photo)
+    task = get_task(task_params(cfg))
+    prepared = []
+    for device in devices:
+        model = task.build_model(spec.image_size)
+        model.load_state_dict({**checkpoint["shared"], **checkpoint["personal_init"]},
+                              strict=False)
+        tensors = task.training_tensors(load_device_data(spec, device))
+        prepared.append((device, model, tensors))
+    seconds = []
+    for device, model, tensors in prepared:
+        ledger = PhotoLedger(accountant=the_recipe.accountant)
+        generator = dp_generator(the_recipe, 1, device)
+        start = time.perf_counter()
+        outcome = train_on_device(task, model, tensors, the_recipe, ledger, generator)
+        seconds.append(time.perf_counter() - start)
+        assert outcome.status == "trained", outcome
+    return seconds
+
+
 def run(rounds: int = 3, repeats: int = 3, overrides: list[str] | None = None) -> list[dict]:
     cfg = compose(TRAIN_ONLY + [f"fleet.rounds={rounds}"] + list(overrides or []))
     cfg.model.init = resolve_init(cfg)
     workers = max(1, int((os.cpu_count() or 1) // cfg.fleet.cpus_per_device))
     fleet_rate = statistics.median(_fleet_rates(cfg, repeats))
-    per_update = _back_to_back_seconds(cfg, rounds * cfg.fleet.devices_per_round)
-    b2b_seconds = statistics.median(per_update[1:])  # first call warms caches
+    devices = _devices(cfg, rounds * cfg.fleet.devices_per_round)
+    b2b = statistics.median(_back_to_back_seconds(cfg, devices)[1:])  # first warms caches
+    pure = statistics.median(_pure_compute_seconds(cfg, devices)[1:])
+    fleet = workers / fleet_rate
+    nan = float("nan")
     return [
         {"mode": f"fleet ({cfg.fleet.num_devices} devices, {workers} workers)",
-         "updates_per_s": fleet_rate, "core_s_per_update": workers / fleet_rate},
-        {"mode": "back to back (1 process, 1 thread)", "updates_per_s": 1 / b2b_seconds,
-         "core_s_per_update": b2b_seconds},
-        {"mode": "overhead ratio (core-s per update)", "updates_per_s": float("nan"),
-         "core_s_per_update": (workers / fleet_rate) / b2b_seconds},
+         "updates_per_s": fleet_rate, "core_s_per_update": fleet},
+        {"mode": "back to back ClientApp (1 process, 1 thread)", "updates_per_s": 1 / b2b,
+         "core_s_per_update": b2b},
+        {"mode": "pure compute: train_on_device (1 process, 1 thread)",
+         "updates_per_s": 1 / pure, "core_s_per_update": pure},
+        {"mode": "fleet / pure compute (core-s per update)", "updates_per_s": nan,
+         "core_s_per_update": fleet / pure},
+        {"mode": "back to back / pure compute", "updates_per_s": nan,
+         "core_s_per_update": b2b / pure},
     ]

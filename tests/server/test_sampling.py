@@ -65,3 +65,37 @@ def test_the_sampling_state_round_trips():
     b = CohortSampler("poisson", K, N, seed=99)
     b.restore(a.state())
     assert a.cohort(fleet, fleet) == b.cohort(fleet, fleet)
+
+
+@pytest.mark.parametrize("scheme", ["fixed", "poisson"])
+def test_cohorts_are_the_same_draws_by_device_index_whatever_is_eligible(scheme):
+    """Seeded runs stay reproducible by device index: the same seed gives the same
+    cohorts as the element-by-element Poisson draw fedface always made, and who
+    is eligible (the loop's lazy ``Eligible``, or a plain set) only filters them."""
+    from server.records import DeviceRecords, Eligible
+
+    records = DeviceRecords()
+    records[4].deleted = True  # a device that deleted its data
+    records[7].unavailable_until = 99  # a paused one
+    present = {d: 1000 + d for d in range(N) if d != 9}  # device 9 is not connected
+    eligible = Eligible(present, records, exhausted={11}, rnd=1)
+    blocked = {4, 7, 9, 11}
+    assert eligible.any() and all((d in eligible) == (d not in blocked) for d in range(N))
+    assert len(records) == 2  # asking about a device makes no record
+
+    old = np.random.default_rng(5)
+    a, b = CohortSampler(scheme, K, N, seed=5), CohortSampler(scheme, K, N, seed=5)
+    for _ in range(20):
+        drawn = b.cohort(range(N), set(range(N)))
+        assert a.cohort(range(N), eligible) == [d for d in drawn if d not in blocked]
+        if scheme == "poisson":
+            assert drawn == [d for d, u in zip(range(N), old.random(N)) if u < K / N]
+
+
+def test_no_device_can_train_when_every_present_one_is_blocked():
+    from server.records import DeviceRecords, Eligible
+
+    records = DeviceRecords()
+    records[0].excluded = True
+    assert not Eligible({0: 10, 1: 11}, records, exhausted={1}, rnd=1).any()
+    assert Eligible({0: 10, 1: 11, 2: 12}, records, exhausted={1}, rnd=1).any()
