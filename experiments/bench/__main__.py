@@ -10,6 +10,7 @@ import sys
 
 from experiments.bench import (
     fleet,
+    fleet_scale,
     import_time,
     init_and_personal,
     local_step,
@@ -23,7 +24,8 @@ from experiments.bench.common import save, table
 BENCHES = {"renderer": renderer.run, "local_step": local_step.run, "fleet": fleet.run,
            "privacy_utility": privacy_utility.run, "init_and_personal": init_and_personal.run,
            "tracking_overhead": tracking_overhead.run, "poisoning": poisoning.run,
-           "import_time": import_time.run}
+           "import_time": import_time.run, "fleet_scale": fleet_scale.run,
+           "fleet_100k": fleet_scale.run_100k}
 
 
 def main(names: list[str]) -> None:
