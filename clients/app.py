@@ -41,6 +41,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from clients import secagg
 from clients.device import (
     DeviceView,
     device_index,
@@ -204,7 +205,7 @@ def _holding_state(msg: Message, context: Context, call_next) -> Message:
         return Message(content=content, reply_to=msg)
 
 
-@app.train(mods=[simulated_faults, _holding_state])
+@app.train(mods=[simulated_faults, _holding_state, secagg.masked_training])
 def train(msg: Message, context: Context) -> Message:
     server_round = _server_round(msg)
     recipe, task, fleet, store = _instructions(msg, context)
@@ -261,6 +262,12 @@ def _ledger_after(recipe: P.Recipe, start: PhotoLedger, newest: PhotoLedger,
 def _exhausted(ledger: PhotoLedger, recipe: P.Recipe, outcome: Outcome) -> Outcome:
     return Outcome(STATUS_EXHAUSTED, epsilon=ledger.epsilon(recipe.delta),
                    sample_rate=outcome.sample_rate)
+
+
+# Secure aggregation's protocol stages (``clients.secagg``; training is ``train``).
+app.query("secagg_setup")(secagg.setup)
+app.query("secagg_share_keys")(secagg.share_keys)
+app.query("secagg_unmask")(secagg.unmask)
 
 
 @app.query()

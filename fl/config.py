@@ -107,7 +107,29 @@ def validate(cfg: DictConfig) -> None:
                  "non-negative (0 means no budget)")
     _validate_faults(cfg)
     validate_strategy(cfg)
+    _validate_secure_aggregation(cfg)
     _validate_tracking(cfg)
+
+
+def _validate_secure_aggregation(cfg: DictConfig) -> None:
+    """``aggregation.secure`` needs a bound on every update (it sets the quantization
+    range) and a mean the server can take from a sum alone."""
+    agg = cfg.get("aggregation") or {}
+    secure = agg.get("secure", False)
+    _require(isinstance(secure, bool), "aggregation.secure", secure, "true or false")
+    if not secure:
+        return
+    _require(cfg.fleet.devices_per_round >= 2, "aggregation.secure", secure,
+             "false with fleet.devices_per_round=1: a sum of one update is that update")
+    if cfg.privacy.user.enabled:
+        return
+    _require(float(cfg.strategy.update_norm_bound) > 0, "strategy.update_norm_bound",
+             cfg.strategy.update_norm_bound, "positive with aggregation.secure=true and no "
+             "privacy.user: each device clips its update to it before masking")
+    _require(str(cfg.strategy.get("_target_", "")).endswith(".FedAvg"), "strategy._target_",
+             cfg.strategy.get("_target_"), "FedAvg with aggregation.secure=true and no "
+             "privacy.user: the server sees only the sum, so it can take a mean, not a "
+             "median or a trimmed mean")
 
 
 def _validate_faults(cfg: DictConfig) -> None:
@@ -177,6 +199,8 @@ NUMBERS: tuple[tuple[str, bool, float, float, bool], ...] = (
     ("privacy.user.simulated_population", True, 0, INF, True),
     ("strategy.update_norm_bound", False, 0, INF, True),
     ("strategy.max_examples", True, 0, INF, True),
+    ("aggregation.num_shares", False, 0, 1, False),
+    ("aggregation.threshold", False, 0, 1, False),
     ("faults.share", False, 0, 1, True),
     ("tracking.samples_every", True, 0, INF, True),
     ("pretrain.steps", True, 0, INF, True),

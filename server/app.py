@@ -108,7 +108,9 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
         newuser_identities=f.newuser_identities, newuser_steps=f.newuser_steps,
         round_timeout=f.round_timeout, seed=cfg.seed, photo=plan.photo,
         noise=plan.noise, start_quorum=f.start_quorum, unavailable_after=f.unavailable_after,
-        retry_after=f.retry_after, max_examples=spec.photos_max)
+        retry_after=f.retry_after, max_examples=spec.photos_max,
+        secure=bool(cfg.aggregation.secure), num_shares=float(cfg.aggregation.num_shares),
+        threshold=float(cfg.aggregation.threshold))
     progress = Progress(f.rounds)
     recorder = RoundRecorder(cfg, logger, task, spec, personal_init, progress, log)
     if resume is not None:

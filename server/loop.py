@@ -43,9 +43,10 @@ from fl.console import say
 from fl.data.fleet import FleetSpec
 from fl.privacy.noise import SEEDED
 from fl.privacy.plan import PhotoPlan
-from fl.privacy.release import DeviceUpdate, Release
+from fl.privacy.release import Release
 from fl.tasks.base import Task
 from fl.tracking import keys as K
+from server.aggregation import make_aggregation
 from server.checkpoint import DONE, RELEASED, LoopState, restore_strategy, strategy_state
 from server.newuser import newuser_score
 from server.progress import Progress
@@ -85,6 +86,9 @@ class LoopSettings:
     unavailable_after: int = 0  # misses in a row that pause a device (0: never)
     retry_after: int = 1  # rounds a paused device is not sampled
     max_examples: float = float("inf")  # most training photos a device can hold
+    secure: bool = False  # aggregation.secure: SecAgg+, the server sees only the sum
+    num_shares: float = 1.0  # aggregation.num_shares
+    threshold: float = 0.5  # aggregation.threshold
 
 
 @dataclass
@@ -129,6 +133,9 @@ class RoundLoop:
                                      settings.num_devices, sampling_seed)
         self.transport = Transport(grid, ArrayRecord(personal_init), settings.round_timeout,
                                    self.progress.devices)
+        # Steps 3 and 5, plain or secure (SecAgg+): the one place that chooses.
+        self.aggregation = make_aggregation(settings.secure, self.transport, release,
+                                            settings.num_shares, settings.threshold, log)
 
     def run(self, shared: dict[str, torch.Tensor], resume: LoopState | None = None) -> LoopResult:
         """Round 0 (evaluation before fine-tuning) and rounds 1..R, or, from a
@@ -205,15 +212,15 @@ class RoundLoop:
         self.progress.round_started(rnd, len(sampled))
         replies = []
         if sampled:  # Poisson sampling may pick nobody; a strategy would wait for nodes
-            replies = self.transport.send(self.strategy.configure_train(  # 3.
+            replies = self.aggregation.collect(rnd, self.strategy.configure_train(  # 3.
                 rnd, ArrayRecord(result.shared), ConfigRecord(dict(self.config)),
-                SampledGrid(self.grid, [self.node_of[d] for d in sampled])), "trained")
+                SampledGrid(self.grid, [self.node_of[d] for d in sampled])),
+                {self.node_of[d]: d for d in sampled})
         reports, failed, malformed = self._parse(replies, sampled, result)  # 4.
         self._refuse_stale_checkpoint(rnd, result, reports, malformed)
-        released = self.release.release(rnd, result.shared, [  # 5.
-            DeviceUpdate(device, report.arrays, report.examples, reply)
-            for device, (report, reply) in reports.items() if report.arrays is not None])
+        released = self.aggregation.release(rnd, result.shared, reports)  # 5.
         rejected = malformed | {d: f"rejected: {why}" for d, why in released.rejected.items()}
+        failed = {d: why for d, why in failed.items() if d not in rejected}  # not both
         losses, photos_used = fold_train_reports(result.devices, reports, failed | rejected,
                                                  exhausted)
         for d, why in sorted(rejected.items()):

@@ -54,10 +54,25 @@ def dp_fedavg(global_state: dict[str, torch.Tensor], updates: list[dict[str, tor
         clipped += factor < 1.0
         for k in keys:
             total[k] += delta[k] * factor
+    state = noised_sum(global_state, total, keys, clip, noise_multiplier, denominator,
+                       generator, noise_mode, noise_scale)
+    return Aggregate(state, clipped / len(updates) if updates else 0.0, tuple(norms))
+
+
+def noised_sum(global_state: dict[str, torch.Tensor], total: dict[str, torch.Tensor],
+               keys: list[str], clip: float, noise_multiplier: float, denominator: float,
+               generator: torch.Generator, noise_mode: str,
+               noise_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """``global + (total + N(0, (sigma C scale)^2)) / denominator`` over ``keys``, from
+    the sum of clipped updates. Secure aggregation hands its unmasked sum here
+    directly; the noise is drawn in the same order as for ``dp_fedavg``, so with
+    seeded noise both paths add the same noise."""
+    if clip <= 0 or denominator <= 0:
+        raise ValueError("clip and denominator must be positive")
     std = noise_multiplier * clip * noise_scale
     state = dict(global_state)
     for k in keys:
         noise = N.gaussian(total[k].shape, std, generator, noise_mode)
-        mean = (total[k] + noise) / denominator
+        mean = (total[k].to(torch.float64) + noise) / denominator
         state[k] = (global_state[k].to(torch.float64) + mean).to(global_state[k].dtype)
-    return Aggregate(state, clipped / len(updates) if updates else 0.0, tuple(norms))
+    return state

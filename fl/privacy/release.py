@@ -18,6 +18,11 @@ check it (Flower's ``dp_fixed_clipping`` and pfl-research's
 3. **count** the release (``released``), which is what the accountant composes;
 4. **stop rule**: before a round, whether one more release would pass the budget.
 
+Under secure aggregation (``aggregation.secure``, ``server.secure_aggregation``)
+the server never holds an update, only the unmasked *sum* of the survivors'
+updates, each clipped on its device to ``secure_clip()``; ``release_sum`` is that
+path: screen the sum's keys and shapes, publish, count.
+
 The round loop asks only these questions and never whether user-level DP is
 on. Persisting each release before anything derived from it leaves the server
 is the loop's job (``server.recorder``): a replayed round re-uses the persisted
@@ -37,7 +42,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fl import protocol as P
 from fl.privacy import noise as N
-from fl.privacy.dp_fedavg import dp_fedavg
+from fl.privacy.dp_fedavg import dp_fedavg, noised_sum
 from fl.privacy.plan import UserPlan
 from fl.tracking import keys as K
 
@@ -60,6 +65,17 @@ class Released:
     metrics: dict[str, float]  # privacy and aggregation metrics of the release
     accepted: list[int] = field(default_factory=list)  # nodes whose update counted
     rejected: dict[int, str] = field(default_factory=dict)  # node -> why not
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """What secure aggregation hands the release instead of updates: the sum of the
+    survivors' clipped updates (device-trained arrays minus the weights sent, each
+    clipped to ``Release.secure_clip()`` on its device), and who is in it."""
+
+    total: dict[str, torch.Tensor]  # float64, by array name
+    count: int  # updates in the sum
+    nodes: list[int] = field(default_factory=list)  # their devices
 
 
 def screen_update(arrays: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
@@ -116,6 +132,40 @@ class Release(ABC):
         self.released += 1
         return Released(state, metrics | self.metrics(), [u.node for u in accepted], rejected)
 
+    def release_sum(self, rnd: int, shared: dict[str, torch.Tensor],
+                    summed: SecureSum) -> Released:
+        """Publish and count round ``rnd`` from a secure aggregate (never mutates
+        ``shared``). The sum must cover exactly ``secure_keys(shared)``."""
+        keys = self.secure_keys(shared)
+        if sorted(summed.total) != sorted(keys) or summed.count < 1:
+            raise ValueError(f"round {rnd}'s secure sum covers {sorted(summed.total)[:3]} "
+                             f"of {summed.count} updates; expected the arrays {keys[:3]}")
+        for key in keys:
+            value = summed.total[key]
+            if tuple(value.shape) != tuple(shared[key].shape) or \
+                    not bool(torch.isfinite(value).all()):
+                raise ValueError(f"round {rnd}'s secure sum of {key!r} is not finite and "
+                                 f"shaped {tuple(shared[key].shape)}")
+        state, metrics = self._publish_sum(rnd, dict(shared), summed)
+        if not all(bool(torch.isfinite(v).all()) for v in state.values()
+                   if v.is_floating_point()):
+            raise RuntimeError(f"round {rnd}'s aggregate is not finite; nothing was released")
+        self.released += 1
+        return Released(state, metrics | self.metrics(), list(summed.nodes), {})
+
+    def secure_clip(self) -> float:
+        """The L2 bound each device clips its update to before masking (0: this
+        release cannot publish from a sum)."""
+        return 0.0
+
+    def secure_keys(self, shared: dict[str, torch.Tensor]) -> list[str]:
+        """The arrays a secure aggregate sums (those devices train)."""
+        return [k for k in shared if shared[k].is_floating_point()]
+
+    def _publish_sum(self, rnd: int, shared: dict[str, torch.Tensor], summed: SecureSum
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        raise NotImplementedError(f"{type(self).__name__} cannot publish a secure sum")
+
     @abstractmethod
     def _publish(self, rnd: int, shared: dict[str, torch.Tensor],
                  accepted: list[DeviceUpdate]) -> tuple[dict[str, torch.Tensor],
@@ -150,9 +200,27 @@ class PlainRelease(Release):
     1e9 examples replaces the model.
     """
 
-    def __init__(self, strategy, norm_bound: float = 0.0, max_examples: int = 0) -> None:
+    def __init__(self, strategy, norm_bound: float = 0.0, max_examples: int = 0,
+                 is_device_trained: Callable[[str], bool] | None = None) -> None:
         super().__init__()
         self.strategy, self.norm_bound, self.max_examples = strategy, norm_bound, max_examples
+        self.is_device_trained = is_device_trained
+
+    def secure_clip(self) -> float:
+        return float(self.norm_bound)
+
+    def secure_keys(self, shared):
+        trained = self.is_device_trained or (lambda key: True)
+        return [k for k in shared if shared[k].is_floating_point() and trained(k)]
+
+    def _publish_sum(self, rnd, shared, summed):
+        """Secure aggregation without user-level DP: the equal-weight mean of the
+        norm-bounded updates (FedAvg with ``strategy.max_examples=1``; the strategy
+        sees no individual update to weight)."""
+        for key, value in summed.total.items():
+            mean = value.to(torch.float64) / summed.count
+            shared[key] = (shared[key].to(torch.float64) + mean).to(shared[key].dtype)
+        return shared, {}
 
     def _bounded(self, update: DeviceUpdate, shared: dict[str, torch.Tensor]) -> DeviceUpdate:
         arrays, weight = update.arrays, update.weight
@@ -231,6 +299,24 @@ class DpFedAvgRelease(Release):
             noise_scale=self.k / m.cohort, noise_mode=self.noise_mode)
         return aggregate.state, {K.UPDATE_CLIP_FRACTION: aggregate.clip_fraction}
 
+    def secure_clip(self) -> float:
+        return float(self.mechanism.clip)
+
+    def secure_keys(self, shared):
+        return [k for k in shared if self.is_device_trained(k)]
+
+    def _publish_sum(self, rnd, shared, summed):
+        """The same release as ``_publish`` from the sum of updates each device
+        clipped to C: the same noise, the same fixed divisor. No clip fraction: the
+        server sees no individual norm."""
+        m = self.mechanism
+        keys = self.secure_keys(shared)
+        state = noised_sum(shared, summed.total, keys, clip=m.clip,
+                           noise_multiplier=m.noise_multiplier, denominator=self.k,
+                           generator=N.generator(self.noise_mode, self.seed, rnd),
+                           noise_mode=self.noise_mode, noise_scale=self.k / m.cohort)
+        return state, {}
+
     def metrics(self) -> dict[str, float]:
         return user_epsilons(self.plan, self.released)
 
@@ -253,4 +339,4 @@ def make_release(user: UserPlan, strategy, is_device_trained: Callable[[str], bo
     """The release the privacy plan asks for (DP-FedAvg's clip is its own bound)."""
     if user.enabled:
         return DpFedAvgRelease(user, is_device_trained, noise_mode, seed)
-    return PlainRelease(strategy, norm_bound, max_examples)
+    return PlainRelease(strategy, norm_bound, max_examples, is_device_trained)

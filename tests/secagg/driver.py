@@ -1,0 +1,79 @@
+"""A SecAgg+ round played in memory between ``fl.secagg.server.Round`` and the
+devices of ``fl.secagg.device`` (no Flower): the protocol tests' driver."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fl.protocol import MalformedReply
+from fl.secagg import device as D
+from fl.secagg import params as S
+from fl.secagg.server import Round
+
+
+def params(cohort: int, sizes=(5, 3), clip: float = 1.0, num_shares: float = 1.0,
+           threshold: float = 0.5) -> S.Params:
+    s, t = S.share_counts(cohort, num_shares, threshold)
+    return S.Params(round=1, cohort=cohort, num_shares=s, threshold=t, clip=clip,
+                    target_range=S.target_range(cohort),
+                    keys=tuple(f"w{i}" for i in range(len(sizes))), sizes=tuple(sizes))
+
+
+def play(p: S.Params, updates: dict[int, np.ndarray | None], drop=None, tamper=None):
+    """Run every stage; ``drop``: {stage: nodes that vanish before answering it};
+    ``tamper``: {stage: f(node, reply) -> reply} (a hostile device's reply).
+    Returns (round, sessions, rejected {node: reason}); raises ``Abandoned``."""
+    drop, tamper = drop or {}, tamper or {}
+    server, sessions, rejected = Round(p, list(updates)), {}, {}
+
+    def answer(stage, node, make):
+        if node in drop.get(stage, ()):
+            return None
+        reply = make()
+        return tamper[stage](node, reply) if stage in tamper else reply
+
+    def accept(node, fn, reply):
+        try:
+            fn(node, reply)
+        except MalformedReply as err:
+            rejected[node] = str(err)
+
+    for node in server.nodes:
+        def make(node=node):
+            sessions[node], reply = D.setup(node, S.Params.from_record(server.setup_request()))
+            return reply
+        reply = answer(S.SETUP, node, make)
+        if reply is not None:
+            accept(node, server.accept_keys, reply)
+    _check(server, set(server.public), set(server.public))
+    for node in sorted(server.public):
+        req = server.share_keys_request(node)
+        reply = answer(S.SHARE_KEYS, node, lambda node=node, req=req: D.share_keys(
+            sessions[node], req[S.NEIGHBOURS], req[S.NEIGHBOUR_PK1], req[S.NEIGHBOUR_PK2]))
+        if reply is not None:
+            accept(node, server.accept_ciphertexts, reply)
+    _check(server, server.shared, server.shared)
+    for node in sorted(server.shared):
+        req = server.train_request(node)
+
+        def make(node=node, req=req):
+            D.receive_shares(sessions[node], req[S.SOURCES], req[S.CIPHERTEXTS])
+            return D.mask(sessions[node], updates[node])
+        vector = answer(S.TRAIN, node, make)
+        if vector is not None:
+            accept(node, server.accept_masked, vector)
+    _check(server, server.masked, server.shared)
+    for node in sorted(server.masked):
+        req = server.unmask_request(node)
+        reply = answer(S.UNMASK, node, lambda node=node, req=req: D.unmask(
+            sessions[node], req[S.ACTIVE], req[S.DEAD]))
+        if reply is not None:
+            accept(node, server.accept_shares, reply)
+    return server, sessions, rejected
+
+
+def _check(server, live, who):
+    from fl.secagg.server import Abandoned
+    why = server.short_of_threshold(live, who)
+    if why:
+        raise Abandoned(why)
