@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from fl import config as C
 from fl import protocol as P
+from fl.attributes import attribute_net
 from fl.console import say
 from fl.faults import describe as describe_faults
 from fl.pretrain import load_checkpoint
@@ -80,6 +81,9 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
     C.validate(cfg)
     task = get_task(C.task_params(cfg))
     spec = C.fleet_spec(cfg)
+    # The evaluation's attribute net (fl.attributes), trained or loaded once here, so
+    # the panel's devices and the new-user check find it cached.
+    attribute_net(spec.image_size, log=log)
     plan = privacy_plan(cfg)
     f = cfg.fleet
     if resume is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,3 +39,7 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
 
 def pytest_configure(config):
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # The evaluation's attribute net (fl.attributes) is cached by config hash; tests
+    # chdir to temp folders, so point every test (and its Ray workers) at the
+    # checkout's cache: it is trained once per machine, as for `make run`.
+    os.environ.setdefault("FEDFACE_CACHE", str(Path(__file__).parent.parent / ".fedface-cache"))

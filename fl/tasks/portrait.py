@@ -41,6 +41,18 @@ def studio_panel() -> tuple[Attributes, ...]:
         for yaw, smile, light_x in itertools.product((-0.6, 0.0, 0.6), (0.1, 0.9), (-0.5, 0.5)))
 
 
+def control_sweep() -> tuple[tuple[str, Attributes], ...]:
+    """The sample grid's rows: a neutral studio portrait, then one control changed."""
+    neutral = Attributes(yaw=0.0, pitch=0.0, smile=0.1, light_x=0.0, light_y=-0.3,
+                         light_intensity=1.0, background=STUDIO_BACKDROP,
+                         background_gradient=0.0, noise_sigma=0.0, noise_seed=0)
+    changes = (("neutral", {}), ("smile", {"smile": 0.95}), ("yaw left", {"yaw": -0.8}),
+               ("yaw right", {"yaw": 0.8}), ("pitch up", {"pitch": -0.8}),
+               ("pitch down", {"pitch": 0.8}), ("light left", {"light_x": -0.9}),
+               ("light right", {"light_x": 0.9}))
+    return tuple((name, neutral.replace(**change)) for name, change in changes)
+
+
 def render_conditions(images: np.ndarray, attrs) -> torch.Tensor:
     """Conditions of rendered images: exact controls, backdrop measured from the image."""
     return torch.from_numpy(conditions(from_attributes(attrs), backdrop(images)))
@@ -109,9 +121,12 @@ class PortraitTask(Task):
             conds, truth = studio_truth(data.identity, spec.image_size)
             portraits = model(conds)
             mean_photo = torch.from_numpy(data.train.mean(axis=0, keepdims=True)).expand_as(truth)
+            from fl.face_metrics import portrait_face_metrics  # evaluation only
+
             metrics |= {"portrait_psnr": psnr(portraits, truth),
                         "portrait_ssim": ssim(portraits, truth),
                         "portrait_psnr_baseline_mean": psnr(mean_photo, truth)}
+            metrics |= portrait_face_metrics(portraits, truth, studio_panel(), spec.seed)
         return metrics
 
     def model_input(self, identity, spec: FleetSpec, rows: int) -> torch.Tensor:
@@ -120,12 +135,15 @@ class PortraitTask(Task):
     @torch.no_grad()
     def sample_columns(self, model: nn.Module, identity, spec: FleetSpec,
                        rows: int) -> list[SampleColumn]:
+        """One row per control: a neutral studio portrait, then one control changed
+        at a time (``control_sweep``), so a smile or a turn shows as a difference
+        between rows."""
         model.eval()
-        conds, truth = studio_truth(identity, spec.image_size)
-        panel = studio_panel()
-        pick = np.linspace(0, len(panel) - 1, min(rows, len(panel))).round().astype(int)
-        labels = [f"yaw {panel[i].yaw:+.1f}\nsmile {panel[i].smile:.1f}\n"
-                  f"light {panel[i].light_x:+.1f}" for i in pick]
+        sweep = control_sweep()[:rows]
+        attrs = [a for _, a in sweep]
+        truth = render(identity, attrs, spec.image_size)
+        labels = [f"{name}\nyaw {a.yaw:+.1f}\npitch {a.pitch:+.1f}\nsmile {a.smile:.1f}\n"
+                  f"light {a.light_x:+.1f}" for name, a in sweep]
         return [SampleColumn("requested controls", labels=labels),
-                SampleColumn("portrait", model(conds[pick])),
-                SampleColumn("ground truth", truth[pick])]
+                SampleColumn("portrait", model(render_conditions(truth, attrs))),
+                SampleColumn("ground truth", torch.from_numpy(truth))]

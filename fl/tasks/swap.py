@@ -88,12 +88,14 @@ class SwapTask(Task):
         frames_t = torch.from_numpy(frames)
         swapped = model(frames_t)
         mean_photo = torch.from_numpy(data.train.mean(axis=0, keepdims=True)).expand_as(truth)
+        from fl.face_metrics import swap_face_metrics  # the attribute net: evaluation only
+
         return metrics | {
             "swap_psnr": psnr(swapped, truth),
             "swap_ssim": ssim(swapped, truth),
             "swap_psnr_baseline_clip": psnr(frames_t, truth),
             "swap_psnr_baseline_mean": psnr(mean_photo, truth),
-        }
+        } | swap_face_metrics(swapped, truth, attrs, spec.seed)
 
     @staticmethod
     def _clip_frames(spec: FleetSpec, rows: int) -> tuple[torch.Tensor, tuple]:
@@ -107,8 +109,16 @@ class SwapTask(Task):
     @torch.no_grad()
     def sample_columns(self, model: nn.Module, identity, spec: FleetSpec,
                        rows: int) -> list[SampleColumn]:
+        """One row per clip frame, spread over the evaluation clips (first to last
+        frame of each), so the rows show the poses and expressions that the
+        metrics judge."""
         model.eval()
-        frames, attrs = self._clip_frames(spec, rows)
-        truth = render(identity, [a.replace(noise_sigma=0.0) for a in attrs], spec.image_size)
-        return [SampleColumn("clip frame", frames), SampleColumn("swap", model(frames)),
+        frames, attrs = swap_benchmark(spec, self.eval_clips)
+        pick = np.linspace(0, len(attrs) - 1, min(rows, len(attrs))).round().astype(int)
+        frames_t, picked = torch.from_numpy(frames[pick]), [attrs[i] for i in pick]
+        truth = render(identity, [a.replace(noise_sigma=0.0) for a in picked], spec.image_size)
+        labels = [f"frame {i}\nyaw {a.yaw:+.1f}\npitch {a.pitch:+.1f}\nsmile {a.smile:.1f}\n"
+                  f"light {a.light_x:+.1f}" for i, a in zip(pick, picked)]
+        return [SampleColumn("clip frame", labels=labels), SampleColumn("frame", frames_t),
+                SampleColumn("swap", model(frames_t)),
                 SampleColumn("ground truth", torch.from_numpy(truth))]

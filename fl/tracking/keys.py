@@ -14,6 +14,18 @@ PORTRAIT_SSIM = "quality/portrait_ssim"
 PORTRAIT_PSNR_BASELINE_MEAN = "quality/portrait_psnr_baseline_mean"
 PORTRAIT_HELDOUT_PSNR = "quality/portrait_heldout_psnr"
 NEWUSER_PORTRAIT_PSNR = "quality/newuser_portrait_psnr"
+# Face metrics from the attribute network (fl.face_metrics): whose face, which pose.
+SWAP_ID_ACCURACY = "quality/swap_id_accuracy"
+SWAP_POSE_ERROR = "quality/swap_pose_error"
+PORTRAIT_ID_ACCURACY = "quality/portrait_id_accuracy"
+PORTRAIT_CONTROL_ERROR = "quality/portrait_control_error"
+# The blur baseline: the ground truth under a Gaussian blur of about the 0.6 models' PSNR.
+SWAP_PSNR_BASELINE_BLUR = "quality/swap_psnr_baseline_blur"
+SWAP_ID_ACCURACY_BASELINE_BLUR = "quality/swap_id_accuracy_baseline_blur"
+SWAP_POSE_ERROR_BASELINE_BLUR = "quality/swap_pose_error_baseline_blur"
+PORTRAIT_PSNR_BASELINE_BLUR = "quality/portrait_psnr_baseline_blur"
+PORTRAIT_ID_ACCURACY_BASELINE_BLUR = "quality/portrait_id_accuracy_baseline_blur"
+PORTRAIT_CONTROL_ERROR_BASELINE_BLUR = "quality/portrait_control_error_baseline_blur"
 
 PHOTO_EPS_MAX = "privacy/photo_eps_max"
 PHOTO_EPS_MEAN = "privacy/photo_eps_mean"
@@ -62,6 +74,16 @@ QUALITY = {
     "portrait_ssim": PORTRAIT_SSIM,
     "portrait_psnr_baseline_mean": PORTRAIT_PSNR_BASELINE_MEAN,
     "portrait_heldout_psnr": PORTRAIT_HELDOUT_PSNR,
+    "swap_id_accuracy": SWAP_ID_ACCURACY,
+    "swap_pose_error": SWAP_POSE_ERROR,
+    "portrait_id_accuracy": PORTRAIT_ID_ACCURACY,
+    "portrait_control_error": PORTRAIT_CONTROL_ERROR,
+    "swap_psnr_baseline_blur": SWAP_PSNR_BASELINE_BLUR,
+    "swap_id_accuracy_baseline_blur": SWAP_ID_ACCURACY_BASELINE_BLUR,
+    "swap_pose_error_baseline_blur": SWAP_POSE_ERROR_BASELINE_BLUR,
+    "portrait_psnr_baseline_blur": PORTRAIT_PSNR_BASELINE_BLUR,
+    "portrait_id_accuracy_baseline_blur": PORTRAIT_ID_ACCURACY_BASELINE_BLUR,
+    "portrait_control_error_baseline_blur": PORTRAIT_CONTROL_ERROR_BASELINE_BLUR,
 }
 
 # A task's primary metric -> the server-side new-user check's key.

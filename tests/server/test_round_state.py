@@ -14,7 +14,7 @@ from fl.data.fleet import PUBLIC_ID_OFFSET, FleetSpec, swap_benchmark, synthetic
 from fl.data.synthfaces import Identity, render
 from fl.tasks import get_task
 from fl.tasks.base import SampleColumn
-from fl.tasks.portrait import studio_panel
+from fl.tasks.portrait import control_sweep
 from server.checkpoint import (
     Checkpoint,
     LoopState,
@@ -24,7 +24,7 @@ from server.checkpoint import (
     strategy_state,
 )
 from server.progress import Progress, duration
-from server.samples import HEADER, TILE, draw_tile, sample_grid
+from server.samples import HEADER, draw_tile, sample_grid, tile_size
 
 
 def test_fedavgm_momentum_survives_a_checkpoint(tmp_path):
@@ -64,16 +64,21 @@ def test_sample_grid_shows_a_public_identity_no_device_has():
     model = task.build_model(32)
     image = sample_grid(task, task.shared_state(model), task.personal_state(model), spec,
                         steps=1, rows=2)
-    assert image.size == (3 * TILE, HEADER + 2 * TILE)
+    tile = tile_size(32)
+    assert tile == 128  # nearest neighbour, 4x: a pixel of the face is a 4x4 block
+    # columns: the frame's attributes, the frame, the swap, the ground truth
+    assert image.size == (4 * tile, HEADER + 2 * tile)
     # The ground-truth column is the first public identity after pretraining's
-    # (an id devices, numbered 0..N-1, never have), under the clip's attributes.
+    # (an id devices, numbered 0..N-1, never have), under the clip's attributes;
+    # the rows are spread over the evaluation clips (first and last frame here).
     identity = Identity.sample(spec.seed, PUBLIC_ID_OFFSET + spec.num_public)
     assert identity == synthetic_device(spec, PUBLIC_ID_OFFSET + spec.num_public, 2).identity
-    _, attrs = swap_benchmark(spec, 1)
-    truth = render(identity, [a.replace(noise_sigma=0.0) for a in attrs[:2]], 32)
-    expected = draw_tile(SampleColumn("truth", torch.from_numpy(truth)), 1)
-    drawn = image.crop((2 * TILE, HEADER + TILE, 3 * TILE, HEADER + 2 * TILE))
-    assert np.array_equal(np.asarray(drawn), np.asarray(expected))
+    _, attrs = swap_benchmark(spec, task.eval_clips)
+    truth = render(identity, [a.replace(noise_sigma=0.0) for a in (attrs[0], attrs[-1])], 32)
+    expected = draw_tile(SampleColumn("truth", torch.from_numpy(truth)), 1, tile)
+    drawn = np.asarray(image.crop((3 * tile, HEADER + tile, 4 * tile, HEADER + 2 * tile)))
+    assert np.array_equal(drawn, np.asarray(expected))
+    assert np.array_equal(drawn[::4, ::4], (truth[1].transpose(1, 2, 0) * 255).round())
 
 
 def test_frontier_keeps_points_no_other_beats_on_both_axes():
@@ -93,14 +98,20 @@ def test_report_labels_jobs_by_what_the_sweep_varied():
     assert short_labels(rows) == ["run0", "run1"]  # nothing varied: fall back to run ids
 
 
-def test_portrait_samples_label_the_requested_controls_of_their_ground_truth():
+def test_portrait_samples_have_a_row_per_control_labelled_with_its_ground_truth():
     spec = FleetSpec(image_size=32)
     task = get_task({"name": "portrait", "width": 8})
     identity = Identity.sample(spec.seed, PUBLIC_ID_OFFSET + spec.num_public)
-    controls, portraits, truth = task.sample_columns(task.build_model(32), identity, spec, 4)
-    assert controls.labels[0] == "yaw -0.6\nsmile 0.1\nlight -0.5"
-    assert controls.labels[-1] == "yaw +0.6\nsmile 0.9\nlight +0.5"
-    panel = studio_panel()
-    expected = render(identity, [panel[0], panel[-1]], 32)
-    assert np.array_equal(truth.images[[0, -1]].numpy(), expected)
-    assert portraits.images.shape == (4, 3, 32, 32)
+    controls, portraits, truth = task.sample_columns(task.build_model(32), identity, spec, 8)
+    sweep = control_sweep()
+    assert [label.split("\n")[0] for label in controls.labels] == [n for n, _ in sweep]
+    assert controls.labels[1] == "smile\nyaw +0.0\npitch +0.0\nsmile 0.9\nlight +0.0"
+    # from the neutral row, each row changes exactly one control
+    neutral = sweep[0][1]
+    for _, attrs in sweep[1:]:
+        changed = [n for n in ("yaw", "pitch", "smile", "light_x")
+                   if getattr(attrs, n) != getattr(neutral, n)]
+        assert len(changed) == 1
+    expected = render(identity, [a for _, a in sweep], 32)
+    assert np.array_equal(truth.images.numpy(), expected)
+    assert portraits.images.shape == (8, 3, 32, 32)
