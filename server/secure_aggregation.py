@@ -67,6 +67,8 @@ class SecureAggregation:
                           clip=self._release.secure_clip(),
                           target_range=S.target_range(len(messages)), keys=tuple(keys),
                           sizes=tuple(int(shared[k].numel()) for k in keys))
+        if params.problems():  # devices would refuse them: say so here, once
+            raise ValueError(f"secure aggregation cannot run round {rnd}: {params.problems()}")
         self.round = r = Round(params, [int(m.metadata.dst_node_id) for m in messages])
         try:
             self._stage(rnd, S.SETUP, r.nodes, lambda n: r.setup_request(), r.accept_keys)

@@ -93,6 +93,9 @@ class Params:
             return f"clip {self.clip!r} is not a positive number"
         if not self.keys or len(self.keys) != len(self.sizes) or min(self.sizes) < 1:
             return "no arrays to sum, or sizes that do not match them"
+        if 2 / self.target_range * (math.sqrt(self.dimension) + 1) > 0.1:
+            return (f"{self.dimension} values on {self.target_range} levels: rounding could "
+                    "move an update by a tenth of the clip; sum fewer arrays or fewer devices")
         return ""
 
     def to_record(self) -> dict:

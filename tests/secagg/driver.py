@@ -22,14 +22,21 @@ def params(cohort: int, sizes=(5, 3), clip: float = 1.0, num_shares: float = 1.0
 def play(p: S.Params, updates: dict[int, np.ndarray | None], drop=None, tamper=None):
     """Run every stage; ``drop``: {stage: nodes that vanish before answering it};
     ``tamper``: {stage: f(node, reply) -> reply} (a hostile device's reply).
-    Returns (round, sessions, rejected {node: reason}); raises ``Abandoned``."""
+    Returns (round, sessions, rejected {node: reason}); raises ``Abandoned``.
+    ``round.refused``: {node: why} of the devices that refused a request."""
     drop, tamper = drop or {}, tamper or {}
     server, sessions, rejected = Round(p, list(updates)), {}, {}
+
+    refused = {}
 
     def answer(stage, node, make):
         if node in drop.get(stage, ()):
             return None
-        reply = make()
+        try:
+            reply = make()
+        except D.Refused as err:  # the device answers nothing useful: a dropout
+            refused[node] = str(err)
+            return None
         return tamper[stage](node, reply) if stage in tamper else reply
 
     def accept(node, fn, reply):
@@ -63,6 +70,7 @@ def play(p: S.Params, updates: dict[int, np.ndarray | None], drop=None, tamper=N
         if vector is not None:
             accept(node, server.accept_masked, vector)
     _check(server, server.masked, server.shared)
+    server.refused = refused
     for node in sorted(server.masked):
         req = server.unmask_request(node)
         reply = answer(S.UNMASK, node, lambda node=node, req=req: D.unmask(

@@ -12,7 +12,7 @@ import time
 from types import SimpleNamespace
 
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
 
 from clients import secagg
 from fl import protocol as P
@@ -68,8 +68,7 @@ class FakeFleet:
 
     def _train(self, msg, context):
         update = self.updates[int(context.node_id)]
-        content = RecordDict({P.METRICS: P.MetricRecord({P.TRAINED: int(update is not None)})
-                              if hasattr(P, "MetricRecord") else _metrics(update)})
+        content = RecordDict({P.METRICS: MetricRecord({P.TRAINED: int(update is not None)})})
         if update is not None:
             sent = msg.content[P.ARRAYS].to_torch_state_dict()
             content[P.ARRAYS] = ArrayRecord({k: v + update.get(k, 0) for k, v in sent.items()})
@@ -79,12 +78,6 @@ class FakeFleet:
         got = [self.replies.pop(m) for m in list(message_ids) if m in self.replies]
         self.pulled += got
         return got
-
-
-def _metrics(update):
-    from flwr.app import MetricRecord
-
-    return MetricRecord({P.TRAINED: int(update is not None)})
 
 
 def train_messages(shared: dict[str, torch.Tensor], nodes: list[int]) -> list[Message]:
