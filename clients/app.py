@@ -18,6 +18,9 @@ that says why:
   older checkpoint than the device's state, and would otherwise have it release
   a round again as if the later ones had not happened. The reply carries
   ``P.NEWER_STATE_ROUND`` so the server stops and says which checkpoint to use;
+* a personal part fitted without photo-level DP (``experiments.enroll``, or a
+  run without it) under a photo-level DP recipe: its photos would shape every
+  update through it, outside any accounting (``NOT_DP_REFUSAL``, docs/privacy.md);
 * storage it cannot use safely (``_holding_state``): a real device without its
   own ``state-dir``, a state directory another process is using, an unreadable
   newest ledger, a full disk. Every train and evaluate call holds the state
@@ -131,6 +134,12 @@ FAULTS_REFUSAL = ("refused: the server asked this device to simulate faults (fau
                   "which only simulated devices do")
 
 
+NOT_DP_REFUSAL = ("refused: this device's personal part was fitted without photo-level DP "
+                  "(enrolled on the device, or trained in a run without it), and would carry "
+                  "its photos into this update outside any accounting; its owner must refit "
+                  "it (docs/privacy.md) before it joins photo-level DP training")
+
+
 def _refusal(context: Context, recipe: P.Recipe, store: DeviceStore,
              server_round: int) -> tuple[str, dict]:
     """Why this device will not train this round ("" if it will), and the metrics
@@ -221,6 +230,10 @@ def train(msg: Message, context: Context) -> Message:
     start = load_ledger_before(store, server_round, recipe.accountant) if attempt is not None \
         else newest
     view, model, _ = _prepare(msg, context, recipe, task, fleet, store, server_round)
+    if recipe.photo_dp and store.fitted_without_dp():
+        content = RecordDict({P.METRICS: MetricRecord(_train_metrics(recipe, newest)),
+                              P.STATUS: ConfigRecord({P.REASON: NOT_DP_REFUSAL})})
+        return Message(content=content, reply_to=msg)
     outcome, used = _fine_tune(task, model, view, recipe, start, server_round,
                                device_index(context))
     ledger, update, digest = newest, None, ""
@@ -233,7 +246,8 @@ def train(msg: Message, context: Context) -> Message:
     content = _reply(_train_metrics(recipe, ledger, outcome, used), view, store)
     if update is not None:
         # Recorded on the device before anything of the update leaves it.
-        save_state(store, server_round, model, task, ledger, digest)
+        save_state(store, server_round, model, task, ledger, digest,
+                   personal_dp=recipe.photo_dp)
         content[P.ARRAYS] = ArrayRecord(update)
     return Message(content=content, reply_to=msg)
 
