@@ -205,9 +205,7 @@ def report(plan: PrivacyPlan, history: dict[int, dict[str, float]],
         if plan.user.simulated:
             out["user_level_simulated"] = _simulated_section(plan, last)
     out["trust_assumptions"] = [
-        ("No secure aggregation: the server sees each device's individual update. That "
-         "update is photo-level DP (when privacy.photo is on) but not user-level DP; "
-         "user-level DP protects only the released aggregate and model."),
+        _aggregation_trust(history),
         ("The server is trusted to add the user-level noise and to sample devices as "
          "accounted; devices are trusted to run DP-SGD as instructed and to enforce their "
          "own budget."),
@@ -218,6 +216,32 @@ def report(plan: PrivacyPlan, history: dict[int, dict[str, float]],
     out["released_without_dp"] = RELEASED_WITHOUT_DP
     out["released_by_server_without_dp"] = RELEASED_BY_SERVER_WITHOUT_DP
     return out
+
+
+SECURE_AGGREGATION_TRUST = (
+    "Secure aggregation (aggregation.secure, SecAgg+ after Bell et al. 2020): each device "
+    "clips its update to the bound, quantizes and masks it; the server holds no "
+    "individual update in the clear and learns only the sum of the updates of the "
+    "devices that finished the round (and which devices those were). This holds while "
+    "the server follows the protocol and fewer than the threshold of a device's "
+    "neighbours give their shares away with it. It changes nothing else: the server "
+    "is still trusted to add the user-level noise to the sum, to sample devices as "
+    "accounted (it could draw a cohort of one real device and devices it controls, "
+    "whose sum is that device's update), and cannot check any single update: a hostile "
+    "device can send any field element, which may ruin the model, and a value chosen "
+    "to make the modular sum wrap is detected only when the sum leaves the honest "
+    "range (docs/privacy.md).")
+NO_SECURE_AGGREGATION_TRUST = (
+    "No secure aggregation: the server sees each device's individual update. That "
+    "update is photo-level DP (when privacy.photo is on) but not user-level DP; "
+    "user-level DP protects only the released aggregate and model.")
+
+
+def _aggregation_trust(history: dict[int, dict[str, float]]) -> str:
+    """A run under secure aggregation logs ``fleet/secagg_rounds_abandoned`` every
+    round it trained."""
+    secure = any(K.SECAGG_ROUNDS_ABANDONED in m for m in history.values())
+    return SECURE_AGGREGATION_TRUST if secure else NO_SECURE_AGGREGATION_TRUST
 
 
 def _sampling_trust(plan: PrivacyPlan) -> str:
