@@ -16,11 +16,12 @@ import logging
 import os
 from collections.abc import Callable
 
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 from omegaconf import DictConfig
 
-from clients.app import app as client_app
+from clients.app import app as default_client_app
 from fl.config import validate
 from server.app import Summary, run_experiment
 from server.checkpoint import Checkpoint
@@ -48,12 +49,13 @@ def _quiet_framework_logs(verbose: bool) -> None:
 
 
 def simulate(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None = None,
-             resume: Checkpoint | None = None) -> Summary:
+             resume: Checkpoint | None = None, client_app: ClientApp | None = None) -> Summary:
     """Run one experiment on a simulated fleet of ``fleet.num_devices`` devices
     (or the rest of one, from its checkpoint ``resume``).
 
     ``wrap_grid`` lets an observer see every message (the tests use it to check
-    that nothing personal leaves a device).
+    that nothing personal leaves a device). ``client_app`` replaces fedface's
+    ClientApp; only the audit passes one (``clients.audit``: canaries planted).
     """
     validate(cfg)  # also sizes an on-disk fleet, which decides num_supernodes below
     outcome: dict[str, Summary] = {}
@@ -79,7 +81,7 @@ def simulate(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None = None,
                       "include_dashboard": False},
     }
     with recording_engine_nodes() as engine_nodes:
-        run_simulation(server_app=server_app, client_app=client_app,
+        run_simulation(server_app=server_app, client_app=client_app or default_client_app,
                        num_supernodes=int(cfg.fleet.num_devices),
                        backend_config=backend_config, verbose_logging=bool(cfg.verbose))
     if "error" in outcome:

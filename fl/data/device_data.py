@@ -127,6 +127,14 @@ def is_cached(spec, device: int) -> bool:
     return (spec, device) in _CACHE
 
 
+def hold(spec, device: int, data: DeviceData) -> None:
+    """Make ``data`` this process's copy of a device's photos until it is
+    forgotten or evicted. Only the audit's own ClientApp calls it, to plant
+    canary photos (``clients.audit``); a normal run has no way to reach it."""
+    _CACHE[(spec, device)] = data
+    _CACHE.move_to_end((spec, device))
+
+
 # --- shared by the on-disk sources -----------------------------------------------
 
 @dataclass(frozen=True)

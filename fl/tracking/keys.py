@@ -55,6 +55,19 @@ DEVICES_EVALUATED_PERSONALISED = "fleet/eval_devices_personalised"
 ROUND_SECONDS = "fleet/round_seconds"  # wall time of the round (train, aggregate, evaluate)
 UPDATES_PER_SECOND = "fleet/updates_per_second"  # device updates received / training wall time
 
+# Empirical privacy audit (python -m experiments.audit, tracking.audit=true): the
+# observed lower bound beside the theoretical epsilon, both at tracking.audit_delta.
+AUDIT_PHOTO_EPS_LOWER = "audit/photo_eps_lower"
+AUDIT_PHOTO_EPS_THEORY = "audit/photo_eps_theory"
+AUDIT_USER_EPS_LOWER = "audit/user_eps_lower"  # the canary-device estimate
+AUDIT_USER_EPS_THEORY = "audit/user_eps_theory"
+AUDIT_CANARIES = "audit/canaries"  # canary photos audited
+AUDIT_CORRECT_GUESSES = "audit/correct_guesses"
+AUDIT_INVERSION_PSNR = "audit/inversion_psnr"
+AUDIT_INVERSION_SSIM = "audit/inversion_ssim"
+AUDIT_MEAN_FACE_PSNR = "audit/mean_face_psnr"
+AUDIT_VIOLATION = "audit/violation"  # 1: an observed bound exceeds its theory
+
 # Consent and data (sums over what devices last reported; never which photos).
 CONSENT_PHOTOS_USED = "consent/photos_used"  # photos that trained this round
 CONSENT_PHOTOS_REVOKED = "consent/photos_revoked"  # consent given, then revoked or expired
