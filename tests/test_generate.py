@@ -59,6 +59,11 @@ def test_train_returns_the_configured_objective_for_sweepers(swap_run):
     assert run.data.tags["fedface.objective"] == "quality/recon_psnr"
     assert objective == pytest.approx(run.data.metrics["quality/recon_psnr"], rel=1e-12)
     assert objective != pytest.approx(run.data.metrics["quality/swap_psnr"])
+    # the face metrics of the attribute net travel with every swap evaluation
+    m = run.data.metrics
+    assert 0 <= m["quality/swap_id_accuracy"] <= 1 and 0 <= m["quality/swap_pose_error"] < 2
+    assert m["quality/swap_id_accuracy_baseline_blur"] <= 1
+    assert {"quality/swap_pose_error_baseline_blur", "quality/swap_psnr_baseline_blur"} <= set(m)
 
 
 def _jpeg(path, seed: int):

@@ -15,7 +15,10 @@ from server.simulation import simulate
 pytestmark = pytest.mark.slow
 
 PORTRAIT_KEYS = [K.PORTRAIT_PSNR, K.PORTRAIT_SSIM, K.PORTRAIT_PSNR_BASELINE_MEAN,
-                 K.PORTRAIT_HELDOUT_PSNR, K.NEWUSER_PORTRAIT_PSNR]
+                 K.PORTRAIT_HELDOUT_PSNR, K.NEWUSER_PORTRAIT_PSNR,
+                 K.PORTRAIT_ID_ACCURACY, K.PORTRAIT_CONTROL_ERROR,
+                 K.PORTRAIT_PSNR_BASELINE_BLUR, K.PORTRAIT_ID_ACCURACY_BASELINE_BLUR,
+                 K.PORTRAIT_CONTROL_ERROR_BASELINE_BLUR]
 
 
 def test_portrait_starts_from_a_pretraining_logged_to_mlflow(tiny_overrides, tmp_path,
@@ -41,6 +44,8 @@ def test_portrait_starts_from_a_pretraining_logged_to_mlflow(tiny_overrides, tmp
     missing = [k for k in PORTRAIT_KEYS if k not in run.data.metrics]
     assert not missing, missing
     assert 5 < run.data.metrics[K.PORTRAIT_PSNR] < 60 and 0 < run.data.metrics[K.PORTRAIT_SSIM] <= 1
+    assert 0 <= run.data.metrics[K.PORTRAIT_ID_ACCURACY] <= 1
+    assert 0 <= run.data.metrics[K.PORTRAIT_CONTROL_ERROR] < 2
     assert K.SWAP_PSNR not in run.data.metrics
     assert objective_key(cfg) == K.PORTRAIT_PSNR
     assert summary.final(objective_key(cfg)) == run.data.metrics[K.PORTRAIT_PSNR]
@@ -63,4 +68,5 @@ def test_portrait_on_celeba_from_disk(tiny_overrides, tmp_path, monkeypatch):
     metrics = mlflow.MlflowClient(uri).get_run(summary.run_id).data.metrics
     assert 5 < metrics[K.PORTRAIT_HELDOUT_PSNR] < 60
     assert K.PORTRAIT_PSNR not in metrics  # no ground-truth render of a real person
+    assert K.PORTRAIT_ID_ACCURACY not in metrics
     assert metrics[K.DEVICES_TRAINED] == 3 and metrics[K.DATA_PHOTOS_SKIPPED] == 0
