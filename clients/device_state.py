@@ -42,6 +42,15 @@ A device whose newest generation *of this run* is stamped with a later round
 than the one it is asked to train knows the server went back to an older
 checkpoint than its own state; it refuses (``newest_round``, ``clients.app``).
 
+**Fitted with or without DP.** Each stamp says whether its personal weights were
+fitted under photo-level DP only (``personal_dp``): false for a personal part
+enrolled on the device without DP (``experiments.enroll``) or trained in a run
+without photo-level DP. Such a part carries its photos' information outside any
+accounting, so a device refuses to train with it under photo-level DP
+(``fitted_without_dp``, ``clients.app``; docs/privacy.md). Stamps written before
+the key existed count as fitted with DP, as every personal part then was, except
+those of runs without photo-level DP.
+
 **One process at a time.** A store is used under an exclusive, non-blocking
 ``fcntl`` lock on ``<root>/.lock`` (``DeviceStore.lock``), held for one whole
 ClientApp call: read the ledger, train, save. Without it two processes on one
@@ -108,6 +117,7 @@ PERSONAL_FILE, LEDGER_FILE, STAMP_FILE = "personal.pt", "ledger.json", "stamp.js
 GENERATION_PREFIX = "gen-"
 GENERATION = re.compile(rf"^{GENERATION_PREFIX}(\d{{6,}})$")
 LOCK_FILE = ".lock"
+PERSONAL_DP = "personal_dp"  # stamp key: the personal part was fitted under photo-level DP
 
 # Reasons sent to the server: they say what happened and what to do, and name no
 # path (the device's own log has the details).
@@ -161,7 +171,8 @@ def _read_stamp(folder: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     if not (isinstance(stamp, dict) and isinstance(stamp.get("run"), str)
-            and type(stamp.get("round")) is int and isinstance(stamp.get("digest", ""), str)):
+            and type(stamp.get("round")) is int and isinstance(stamp.get("digest", ""), str)
+            and isinstance(stamp.get(PERSONAL_DP, True), bool)):
         return None
     return stamp
 
@@ -197,6 +208,7 @@ class DeviceStore:
     def __init__(self, root: str | Path, run: str) -> None:
         self.root, self.run = Path(root), run
         self.fallbacks: list[str] = []  # unreadable generations passed over (log lines)
+        self.personal_source: Generation | None = None  # where the last personal weights came from
 
     # --- the lock -------------------------------------------------------------------
     @contextmanager
@@ -286,6 +298,7 @@ class DeviceStore:
 
     def _personal_from(self, base: Generation | None,
                        generations: list[Generation]) -> dict[str, torch.Tensor] | None:
+        self.personal_source = None
         while base is not None:
             path = base.folder / PERSONAL_FILE
             older = [g for g in generations if g.readable and g.sequence < base.sequence]
@@ -300,6 +313,7 @@ class DeviceStore:
                     weights = torch.load(path, map_location="cpu", weights_only=True)
                     if isinstance(weights, dict) and all(isinstance(v, torch.Tensor)
                                                          for v in weights.values()):
+                        self.personal_source = base
                         return weights
                     problem = "holds no tensors"
                 except Exception as err:  # noqa: BLE001 - torch raises many types
@@ -372,8 +386,16 @@ class DeviceStore:
         return int(own[-1]) if own else None
 
     # --- writing ----------------------------------------------------------------------
+    def fitted_without_dp(self) -> bool:
+        """Whether the personal weights last read (``personal``, ``personal_of_run``)
+        were fitted without photo-level DP: by ``experiments.enroll``, or in a run
+        without it. A stamp written before this was recorded counts as fitted
+        with DP, as every device's personal part then was (module docstring)."""
+        source = self.personal_source
+        return source is not None and source.stamp.get(PERSONAL_DP, True) is False
+
     def save(self, server_round: int, personal: dict[str, torch.Tensor], ledger: dict,
-             digest: str = "") -> Path:
+             digest: str = "", personal_dp: bool = True) -> Path:
         """Write the state after ``server_round`` as a new generation, then drop
         every generation except it and the one its personal weights built on.
 
@@ -383,10 +405,10 @@ class DeviceStore:
         ``StoreUnavailable`` and leaves the previous generations as they were.
         """
         with self.lock():
-            return self._save(server_round, personal, ledger, digest)
+            return self._save(server_round, personal, ledger, digest, personal_dp)
 
     def _save(self, server_round: int, personal: dict[str, torch.Tensor], ledger: dict,
-              digest: str) -> Path:
+              digest: str, personal_dp: bool) -> Path:
         generations = self._generations()
         newest = self.ledger() or {}
         if int(ledger.get("participations", 0)) < int(newest.get("participations", 0)):
@@ -397,7 +419,8 @@ class DeviceStore:
         sequence = generations[-1].sequence + 1 if generations else 1
         final = self.root / f"{GENERATION_PREFIX}{sequence:06d}"
         tmp = self.root / f".{final.name}.tmp"
-        stamp = {"run": self.run, "round": server_round, "digest": digest}
+        stamp = {"run": self.run, "round": server_round, "digest": digest,
+                 PERSONAL_DP: bool(personal_dp)}
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -480,6 +503,8 @@ def update_digest(update: dict[str, torch.Tensor]) -> str:
 
 
 def save_state(store: DeviceStore, server_round: int, model: nn.Module, task: Task,
-               ledger: PhotoLedger, digest: str = "") -> None:
+               ledger: PhotoLedger, digest: str = "", personal_dp: bool = True) -> None:
+    """``personal_dp``: whether the personal part was fitted under photo-level DP
+    only (stamped; ``DeviceStore.fitted_without_dp``)."""
     personal = {k: v.detach().clone() for k, v in task.personal_state(model).items()}
-    store.save(server_round, personal, ledger.to_config(), digest)
+    store.save(server_round, personal, ledger.to_config(), digest, personal_dp)

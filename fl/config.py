@@ -109,6 +109,18 @@ def validate(cfg: DictConfig) -> None:
     validate_strategy(cfg)
     _validate_secure_aggregation(cfg)
     _validate_tracking(cfg)
+    _validate_pretrain_data(cfg)
+
+
+def _validate_pretrain_data(cfg: DictConfig) -> None:
+    """``pretrain.data`` names a source; an on-disk one needs its directory."""
+    from fl.pretrain_data import photo_source  # torch: only where pretraining is configured
+
+    try:
+        photo_source(cfg.pretrain)
+    except ValueError as err:
+        raise ConfigError(f"{err}. Override it, e.g. `python -m experiments.pretrain "
+                          "pretrain.data=folders pretrain.root=/data/lfw`.") from None
 
 
 def _validate_secure_aggregation(cfg: DictConfig) -> None:
@@ -213,6 +225,7 @@ NUMBERS: tuple[tuple[str, bool, float, float, bool], ...] = (
     ("pretrain.steps", True, 0, INF, True),
     ("pretrain.batch_size", True, 1, INF, True),
     ("pretrain.lr", False, 0, INF, False),
+    ("pretrain.crop", False, 0, 1, False),
 )
 # Keys whose null means "not set" (the checks below say when one must be set).
 NULLABLE = {"privacy.photo.noise_multiplier", "privacy.photo.target_epsilon",

@@ -108,6 +108,13 @@ class PortraitTask(Task):
         pred = model.draw(render_conditions(truth, attrs), identities(torch.from_numpy(target)))
         return F.mse_loss(pred, torch.from_numpy(truth))
 
+    def pretrain_loss_on_photos(self, model: PortraitModel, photos: torch.Tensor,
+                                identity: torch.Tensor, conditions: torch.Tensor | None,
+                                generator: torch.Generator) -> torch.Tensor:
+        """Redraw each photo from its conditions (labelled, or fitted per photo:
+        ``fl.latent_controls``) with its identity's embedding."""
+        return F.mse_loss(model.draw(conditions, identity), photos)
+
     @torch.no_grad()
     def evaluate_device(self, model: nn.Module, data: DeviceData,
                         spec: FleetSpec) -> dict[str, float]:

@@ -73,6 +73,15 @@ class SwapTask(Task):
         pred = model.decoder(code, identities(torch.from_numpy(target)))
         return F.mse_loss(pred, torch.from_numpy(truth))
 
+    def pretrain_loss_on_photos(self, model: SwapModel, photos: torch.Tensor,
+                                identity: torch.Tensor, conditions: torch.Tensor | None,
+                                generator: torch.Generator) -> torch.Tensor:
+        """Redraw each photo from its own scrambled frame (``fl.data.augment``: the
+        bottleneck that makes the embedding carry the identity) with its identity."""
+        from fl.data.augment import scramble  # pretraining only
+
+        return F.mse_loss(model.draw(scramble(photos, generator), identity), photos)
+
     @torch.no_grad()
     def evaluate_device(self, model: nn.Module, data: DeviceData,
                         spec: FleetSpec) -> dict[str, float]:

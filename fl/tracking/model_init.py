@@ -61,6 +61,13 @@ def resolve_init(cfg: DictConfig, log: Callable[[str], None] = say) -> str:
                                                      "tracking_uri": tracking_uri(cfg)}))
         log(f"pretraining logged to MLflow: model.init={uri}")
 
+    from fl.pretrain_data import cached_pretrain_on_photos, photo_source
+
+    source = photo_source(pre)  # pretrain.data=celeba|folders: a dataset on disk
+    if source is not None:
+        return str(cached_pretrain_on_photos(task, spec, source, pre.steps, pre.batch_size,
+                                             pre.lr, cfg.seed, pre.cache_dir, log,
+                                             on_trained=record))
     return str(cached_pretrain(task, spec, pre.steps, pre.batch_size, pre.lr, cfg.seed,
                                pre.cache_dir, log, on_trained=record))
 
