@@ -220,7 +220,8 @@ class RoundLoop:
         self._refuse_stale_checkpoint(rnd, result, reports, malformed)
         released = self.aggregation.release(rnd, result.shared, reports)  # 5.
         rejected = malformed | {d: f"rejected: {why}" for d, why in released.rejected.items()}
-        failed = {d: why for d, why in failed.items() if d not in rejected}  # not both
+        failed = {d: why for d, why in failed.items()  # not both; not if never asked
+                  if d not in rejected and d not in released.excused}
         losses, photos_used = fold_train_reports(result.devices, reports, failed | rejected,
                                                  exhausted)
         for d, why in sorted(rejected.items()):

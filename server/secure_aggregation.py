@@ -56,9 +56,11 @@ class SecureAggregation:
     def collect(self, rnd, messages, devices):
         messages = list(messages)
         self.devices, self.rejected, self.why_abandoned = dict(devices), {}, ""
+        self.excused: dict[int, str] = {}
         self.round = None
         if len(messages) < 2:
             self.why_abandoned = f"{len(messages)} device sampled; secure aggregation needs 2"
+            self.excused = dict.fromkeys(devices.values(), self.why_abandoned)
             return []
         shared = messages[0].content[P.ARRAYS].to_torch_state_dict()
         keys = self._release.secure_keys(shared)
@@ -70,14 +72,19 @@ class SecureAggregation:
         if params.problems():  # devices would refuse them: say so here, once
             raise ValueError(f"secure aggregation cannot run round {rnd}: {params.problems()}")
         self.round = r = Round(params, [int(m.metadata.dst_node_id) for m in messages])
+        live: set[int] = set()  # devices that answered every stage so far
         try:
             self._stage(rnd, S.SETUP, r.nodes, lambda n: r.setup_request(), r.accept_keys)
-            self._check(r.short_of_threshold(set(r.public), set(r.public)))
+            live = set(r.public)
+            self._check(r.short_of_threshold(live, live))
             self._stage(rnd, S.SHARE_KEYS, sorted(r.public), r.share_keys_request,
                         r.accept_ciphertexts)
-            self._check(r.short_of_threshold(r.shared, r.shared))
+            live = set(r.shared)
+            self._check(r.short_of_threshold(live, live))
         except Abandoned as err:
             self.why_abandoned = str(err)
+            # Devices still in the protocol were never asked to train: not their fault.
+            self.excused = {self.devices[n]: self.why_abandoned for n in live}
             return []
         # Each device gets its own shares; Flower's strategies give every message of
         # a round one shared content object, so each message gets its own copy.
@@ -121,7 +128,7 @@ class SecureAggregation:
         self.abandoned_rounds += 1
         self.log(f"round {rnd}: secure aggregation abandoned, nothing released: {why}")
         return Released(dict(shared), self._release.metrics() | self._metrics(), [],
-                        self.rejected)
+                        self.rejected, self.excused)
 
     def _metrics(self) -> dict[str, float]:
         return {K.SECAGG_ROUNDS_ABANDONED: float(self.abandoned_rounds)}

@@ -17,6 +17,7 @@ from experiments.bench import (
     poisoning,
     privacy_utility,
     renderer,
+    secagg,
     tracking_overhead,
 )
 from experiments.bench.common import save, table
@@ -25,7 +26,8 @@ BENCHES = {"renderer": renderer.run, "local_step": local_step.run, "fleet": flee
            "privacy_utility": privacy_utility.run, "init_and_personal": init_and_personal.run,
            "tracking_overhead": tracking_overhead.run, "poisoning": poisoning.run,
            "import_time": import_time.run, "fleet_scale": fleet_scale.run,
-           "fleet_100k": fleet_scale.run_100k}
+           "fleet_100k": fleet_scale.run_100k, "secagg": secagg.run,
+           "secagg_quality": secagg.run_quality}
 
 
 def main(names: list[str]) -> None:

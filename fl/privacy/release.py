@@ -65,6 +65,9 @@ class Released:
     metrics: dict[str, float]  # privacy and aggregation metrics of the release
     accepted: list[int] = field(default_factory=list)  # nodes whose update counted
     rejected: dict[int, str] = field(default_factory=dict)  # node -> why not
+    # Sampled devices never asked to train, through no fault of theirs (a secure
+    # aggregation abandoned before training): neither failed nor rejected.
+    excused: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

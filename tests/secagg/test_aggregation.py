@@ -104,6 +104,9 @@ def test_below_the_threshold_nothing_is_released(stage):
         assert torch.equal(released.state[key], value)
     assert released.metrics[K.SECAGG_ROUNDS_ABANDONED] == 1
     assert len(logged) == 1 and "abandoned, nothing released" in logged[0]
+    # Devices left waiting when it was abandoned before training are excused, not failed.
+    assert sorted(released.excused) == (sorted(NODES[3:]) if stage in (
+        S.SETUP, S.SHARE_KEYS) else [])
     assert math.isclose(released.metrics[K.USER_EPS], 0.0, abs_tol=1e-12)
 
 
