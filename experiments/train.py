@@ -38,6 +38,17 @@ def main(cfg: DictConfig) -> float:
         # Pretrain (or reuse the cache) before Ray starts, so it has the cores to itself.
         OmegaConf.set_struct(cfg, False)
         cfg.model.init = resolve_init(cfg)
+    if cfg.tracking.audit and checkpoint is None:
+        # The run itself is audited: canaries planted, audit/* logged to its MLflow run.
+        from server.audit import check_auditable, log_audit, run_audit
+        try:
+            check_auditable(cfg)
+        except ConfigError as err:
+            print(f"fedface: invalid configuration: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        result = run_audit(cfg)
+        log_audit(cfg, result, role=False)
+        return result.summary.final(objective_key(cfg))
     summary = simulate(cfg, resume=checkpoint)
     return summary.final(objective_key(cfg))
 

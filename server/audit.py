@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MessageType
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fl import config as C
 from fl import protocol as P
@@ -53,6 +53,7 @@ from fl.data.device_data import load_device_data
 from fl.privacy.ledger import epsilon_of
 from fl.privacy.plan import PrivacyPlan, privacy_plan
 from fl.tasks import get_task
+from server.app import Summary
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,7 @@ class AuditResult:
     planted_bug: str | None
     ui_command: str = ""
     photo_schedules: list[list[tuple[float, int]]] | None = None  # audited devices'
+    summary: Summary | None = None  # the audited run's (what experiments.train returns)
 
     @property
     def violation(self) -> bool:
@@ -272,6 +274,10 @@ def check_auditable(cfg: DictConfig) -> None:
     if cfg.task.name != "swap":
         raise C.ConfigError(f"the audit supports task=swap (got task={cfg.task.name}): its "
                             "canaries and inversion use the photo-only device loss")
+    if OmegaConf.select(cfg, "aggregation.secure", default=False):
+        raise C.ConfigError("the audit plays the server that sees each device's update; run it "
+                            "with aggregation.secure=false (under secure aggregation the "
+                            "photo-level adversary sees only the sum)")
     if cfg.faults.kinds:
         raise C.ConfigError("audit with faults.kinds=[] (simulated faulty devices would "
                             "be read as canary signal)")
@@ -316,7 +322,8 @@ def run_audit(cfg: DictConfig, log: Callable[[str], None] = say,
     user, user_eps_theory = _user_audit(task, plan, roles, seen, summary, s, user_seed, rounds)
     inversion = _inversion(task, spec, plan, roles, seen, personal_init, s, int(cfg.seed))
     return AuditResult(summary.run_id, photo, photo_eps_theory, user, user_eps_theory,
-                       inversion, rounds, s, planted_bug, summary.ui_command, schedules)
+                       inversion, rounds, s, planted_bug, summary.ui_command, schedules,
+                       summary)
 
 
 def _photo_audit(task, spec, plan, placement, seen, personal_init, s):

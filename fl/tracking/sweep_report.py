@@ -38,6 +38,9 @@ class Row:
     before: float  # the objective at round 0: the starting model, before fine-tuning
     photo_eps: float
     user_eps: float
+    # tracking.audit=true: observed photo-level lower bound and the theory at delta'
+    audit_photo_lower: float = math.nan
+    audit_photo_theory: float = math.nan
 
 
 @dataclass
@@ -82,7 +85,9 @@ def _rows(client: mlflow.MlflowClient, parent) -> list[Row]:
                  if h.step == 0]
         rows.append(Row(run.info.run_id, tags.get(OVERRIDES_TAG, ""), run.info.status,
                         objective, m.get(objective, math.nan), start[0] if start else math.nan,
-                        m.get(K.PHOTO_EPS_MAX, math.nan), m.get(K.USER_EPS, math.nan)))
+                        m.get(K.PHOTO_EPS_MAX, math.nan), m.get(K.USER_EPS, math.nan),
+                        m.get(K.AUDIT_PHOTO_EPS_LOWER, math.nan),
+                        m.get(K.AUDIT_PHOTO_EPS_THEORY, math.nan)))
     return rows
 
 
@@ -145,6 +150,15 @@ def markdown(parent_run_id: str, sweep_id: str, rows: list[Row]) -> str:
     lines += [f"| {r.overrides or '-'} | {_fmt(r.quality)} | {_fmt(r.before)} | "
               f"{_fmt(r.photo_eps)} | {_fmt(r.user_eps)} | {r.status} | `{r.run_id}` |"
               for r in rows]
+    audited = [r for r in rows if not math.isnan(r.audit_photo_lower)]
+    if audited:  # jobs run with tracking.audit=true (docs/privacy.md "Empirical audit")
+        lines += ["", ("Empirical audit (`tracking.audit=true`): the photo-level epsilon lower "
+                       "bound observed by the one-run audit beside the accountant's epsilon, "
+                       "both at `tracking.audit_delta`."), "",
+                  "| job overrides | photo eps lower bound (observed) | photo eps (theory) |",
+                  "|---|---|---|"]
+        lines += [f"| {r.overrides or '-'} | {_fmt(r.audit_photo_lower)} | "
+                  f"{_fmt(r.audit_photo_theory)} |" for r in audited]
     return "\n".join(lines) + "\n"
 
 
