@@ -18,6 +18,10 @@ QUALITY_LINES = (
     ((K.RECON_PSNR, "reconstruction"),),
 )
 NEWUSER_KEYS = tuple(K.NEWUSER.values())
+# The attribute net's face metrics beside the decibels (fl.face_metrics): whose face,
+# and how far the pose or the requested controls are off.
+FACE_LINES = ((K.SWAP_ID_ACCURACY, K.SWAP_POSE_ERROR, "pose err"),
+              (K.PORTRAIT_ID_ACCURACY, K.PORTRAIT_CONTROL_ERROR, "control err"))
 
 
 def _db(metrics: dict[str, float], key: str) -> str:
@@ -45,6 +49,8 @@ def format_round(rnd: int, rounds: int, m: dict[str, float]) -> str:
                  f"{int(m.get(K.DEVICES_SAMPLED, 0))}"
                  f"  loss {m.get(K.TRAIN_LOSS, float('nan')):.4f}")
     parts = [head, _quality(m)]
+    parts += [f"id {m[ident]:.2f} {label} {m.get(error, float('nan')):.3f}"
+              for ident, error, label in FACE_LINES if ident in m]
     parts += [f"new-user {_db(m, key)} dB" for key in NEWUSER_KEYS if key in m]
     if K.PHOTO_EPS_MAX in m:
         parts.append(f"photo eps max {m[K.PHOTO_EPS_MAX]:.2f}")

@@ -121,3 +121,13 @@ def test_attribute_net_is_deterministic_cached_and_works_at_64px(tmp_path, monke
     assert A.identity_features(big, images).shape[0] == 3
     with pytest.raises(ValueError, match="trained on 64 px"):
         big(torch.rand(1, 3, 32, 32))
+
+
+def test_the_round_line_shows_the_face_metrics_beside_the_decibels():
+    from fl.tracking import keys as K
+    from server.console import format_round
+
+    line = format_round(3, 20, {K.SWAP_PSNR: 21.5, K.SWAP_ID_ACCURACY: 0.875,
+                                K.SWAP_POSE_ERROR: 0.256})
+    assert "swap 21.50 dB" in line and "id 0.88 pose err 0.256" in line
+    assert "id " not in format_round(3, 20, {K.SWAP_PSNR: 21.5})
