@@ -67,6 +67,7 @@ from clients.trainer import BUDGET_EXHAUSTED as STATUS_EXHAUSTED
 from clients.trainer import TRAINED, Outcome, dp_generator, train_on_device
 from fl import protocol as P
 from fl.data.fleet import FleetSpec
+from fl.device import place, resolve
 from fl.privacy.ledger import PhotoLedger
 from fl.privacy.noise import SEEDED
 from fl.tasks import Task, get_task
@@ -185,8 +186,12 @@ def _fine_tune(task: Task, model, view: DeviceView, recipe: P.Recipe, ledger: Ph
     tensors = task.training_tensors(view.data)
     if recipe.photo_dp:
         _check_photo_delta(recipe.delta, len(tensors[0]))
-    outcome = train_on_device(task, model, tensors, recipe, ledger,
-                              dp_generator(recipe, server_round, device))
+    model.to(resolve(recipe.device))  # the run's `device` key (fl.device)
+    try:
+        outcome = train_on_device(task, model, tensors, recipe, ledger,
+                                  dp_generator(recipe, server_round, device))
+    finally:
+        model.cpu()  # the reply and the device's stored state hold CPU tensors
     return outcome, len(tensors[0]) if outcome.status == TRAINED else 0
 
 
@@ -300,6 +305,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                                          _server_round(msg) + 1)
     metrics = {P.WEIGHT_KEY: 0, P.PERSONALISED: int(personalised)}
     if view.can_evaluate:
+        place(resolve(recipe.device), model)  # the run's `device` key (fl.device)
         metrics |= task.evaluate_device(model, view.data, fleet)
         metrics[P.WEIGHT_KEY] = len(view.data.heldout)
     return Message(content=_reply(metrics, view, store), reply_to=msg)

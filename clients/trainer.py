@@ -40,6 +40,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from clients.per_sample import BookKeeping, TorchFunc
 from fl.privacy import noise
 from fl.privacy.ledger import PhotoLedger, events_of
 from fl.protocol import Recipe
@@ -47,6 +48,15 @@ from fl.tasks.base import Task
 
 TRAINED, BUDGET_EXHAUSTED, NO_PHOTOS = "trained", "budget_exhausted", "no_photos"
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+
+# How per-sample gradients are computed (``clients.per_sample``); clipping, noise and
+# accounting are Opacus' DPOptimizer and accountant in every engine. "bookkeeping"
+# was the fastest at 32 and 64 px (docs/results.md); the others stay for the
+# benchmark and the reference tests. Opacus' engines: its grad_sample_mode values.
+OWN_ENGINES = {"bookkeeping": BookKeeping, "torch-func": TorchFunc}
+OPACUS_ENGINES = {"opacus-hooks": "hooks", "opacus-functorch": "functorch", "opacus-ew": "ew"}
+ENGINES = (*OWN_ENGINES, *OPACUS_ENGINES)
+DEFAULT_ENGINE = "bookkeeping"
 
 
 @dataclass(frozen=True)
@@ -105,18 +115,40 @@ def dp_generator(recipe: Recipe, server_round: int = 0, device: int = 0) -> torc
     return torch.Generator().manual_seed(seed)
 
 
+def noise_generator(recipe: Recipe, sampler: torch.Generator,
+                    device: torch.device) -> torch.Generator:
+    """The generator of the DP noise, on the device of the gradients it is added to.
+
+    On the CPU it is the sampler's own generator, as always. On a GPU the noise
+    needs a generator there (the Poisson masks stay on the CPU): under ``secure``
+    a second one seeded from the operating system, under ``seeded`` one seeded
+    from the sampler's public seed.
+    """
+    if device.type == "cpu":
+        return sampler
+    if noise.check_mode(recipe.noise) == noise.SECURE:
+        return noise.generator(noise.SECURE, device=device)
+    return torch.Generator(device=device).manual_seed(sampler.initial_seed())
+
+
 def train_on_device(task: Task, model: nn.Module, tensors: tuple[torch.Tensor, ...],
                     recipe: Recipe, ledger: PhotoLedger,
-                    generator: torch.Generator | None = None) -> Outcome:
+                    generator: torch.Generator | None = None,
+                    engine: str = DEFAULT_ENGINE) -> Outcome:
     """Fine-tune ``model`` in place on ``tensors`` (``task.training_tensors``: one
     row per photo); record DP steps in ``ledger``.
 
     ``generator`` is the run's randomness (``dp_generator``; by default that of
     round 0 of device 0: direct callers such as tests and benchmarks).
+    ``engine`` computes the per-sample gradients (``ENGINES``; benchmarks and
+    reference tests pick others). Training runs where ``model`` is (``fl.device``):
+    each batch moves there, and so does the DP noise (``noise_generator``).
     Under photo-level DP the device first computes the epsilon it *would* reach
     after this round; if that passes its budget it does not train at all, so a
     device never exceeds its budget however often it is sampled.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: choose one of {list(ENGINES)}")
     if len(tensors[0]) == 0:
         return Outcome(NO_PHOTOS, epsilon=ledger.epsilon(recipe.delta))
     if generator is None:
@@ -129,15 +161,17 @@ def train_on_device(task: Task, model: nn.Module, tensors: tuple[torch.Tensor, .
     loader = DataLoader(TensorDataset(*tensors), batch_size=recipe.batch_size, shuffle=True,
                         generator=generator)
     model.train()
+    device = next(model.parameters()).device
 
     if not recipe.photo_dp:
         steps = max(1, math.ceil(recipe.local_epochs * len(loader)))
-        loss = _run_steps(task, model, optimizer, loader, steps)
+        loss = _run_steps(_backward(task, model), optimizer, loader, steps, device)
         ledger.participations += 1  # no DP events: the ledger only counts rounds
         return Outcome(TRAINED, steps=steps, loss=loss)
 
-    engine, dp_model, dp_optimizer, dp_loader = _make_private(model, optimizer, loader,
-                                                             recipe, ledger, generator)
+    privacy, dp_model, dp_optimizer, dp_loader = _make_private(
+        model, optimizer, loader, recipe, ledger, noise_generator(recipe, generator, device),
+        engine)
     # Opacus hands its accountant 1 / len(dp_loader), and len(dp_loader) is
     # int(1 / (1 / len(loader))), one less than len(loader) for some photo counts
     # (93 -> 92: 737..744 photos at batch 8; never below 737 at batch 8). The budget
@@ -149,22 +183,26 @@ def train_on_device(task: Task, model: nn.Module, tensors: tuple[torch.Tensor, .
         if not ledger.admits(*planned, recipe.delta, recipe.budget_epsilon):
             return Outcome(BUDGET_EXHAUSTED, epsilon=ledger.epsilon(recipe.delta),
                            sample_rate=sample_rate)
-        loss = _run_steps(task, dp_model, dp_optimizer, dp_loader, steps)
+        per_sample = OWN_ENGINES[engine](task, model) if engine in OWN_ENGINES \
+            else _backward(task, dp_model)
+        loss = _run_steps(per_sample, dp_optimizer, dp_loader, steps, device)
     finally:
         dp_model._close()  # remove Opacus' hooks: the plain model stays reusable
-    ledger.record(events_of(engine.accountant), planned)  # refuses any other rate
+    ledger.record(events_of(privacy.accountant), planned)  # refuses any other rate
     return Outcome(TRAINED, steps=steps, loss=loss, epsilon=ledger.epsilon(recipe.delta),
                    sample_rate=sample_rate)
 
 
 def _make_private(model: nn.Module, optimizer, loader: DataLoader, recipe: Recipe,
-                  ledger: PhotoLedger, generator: torch.Generator):
+                  ledger: PhotoLedger, generator: torch.Generator, engine: str):
     """Opacus' DP-SGD around ``model``, its accountant loaded with the ledger.
 
-    ``generator`` is both the noise generator and (through ``loader``) the Poisson
-    sampler's. Under ``privacy.noise=secure`` the DP optimizer also draws noise
+    ``generator`` is the noise generator; on the CPU it is also (through
+    ``loader``) the Poisson sampler's. Under ``privacy.noise=secure`` the DP optimizer also draws noise
     in Opacus' secure mode (robust to floating-point attacks); the engine itself
     cannot be made secure here (it needs ``torchcsprng``; ``fl.privacy.noise``).
+    fedface's own engines compute ``p.grad_sample`` themselves: Opacus wraps the
+    model in its ``no_op`` module and does the rest as always.
     """
     with warnings.catch_warnings():
         # Only this warning is silenced: fedface's secure mode replaces Opacus'
@@ -173,19 +211,34 @@ def _make_private(model: nn.Module, optimizer, loader: DataLoader, recipe: Recip
         # module Opacus cannot handle as asked) says something about the DP run
         # and stays visible.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=ledger.accountant)
-        engine.accountant.load_state_dict(ledger.state_dict())
-        dp_model, dp_optimizer, dp_loader = engine.make_private(
+        privacy = PrivacyEngine(accountant=ledger.accountant)
+        privacy.accountant.load_state_dict(ledger.state_dict())
+        dp_model, dp_optimizer, dp_loader = privacy.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=recipe.noise_multiplier, max_grad_norm=recipe.max_grad_norm,
             poisson_sampling=True, noise_generator=generator,
+            grad_sample_mode=OPACUS_ENGINES.get(engine, "no_op"),
         )
     dp_optimizer.secure_mode = recipe.noise == noise.SECURE
-    return engine, dp_model, dp_optimizer, dp_loader
+    return privacy, dp_model, dp_optimizer, dp_loader
 
 
-def _run_steps(task: Task, model: nn.Module, optimizer, loader, steps: int) -> float:
-    """Exactly ``steps`` optimizer steps, cycling the loader; mean non-empty loss."""
+def _backward(task: Task, model: nn.Module):
+    """One batch's gradients by an ordinary backward pass (non-private training,
+    and Opacus' own engines, whose hooks collect the per-sample gradients)."""
+
+    def step(*batch: torch.Tensor) -> torch.Tensor:
+        loss = task.device_loss(model, *batch)
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def _run_steps(gradients, optimizer, loader, steps: int, device: torch.device) -> float:
+    """Exactly ``steps`` optimizer steps, cycling the loader; mean non-empty loss.
+    ``gradients(*batch)`` leaves the batch (moved to ``device``)'s gradients where
+    ``optimizer`` reads them and returns its loss."""
     losses, done = [], 0
     with warnings.catch_warnings():
         # With a frozen encoder no module *input* requires grad, so torch warns that
@@ -194,8 +247,7 @@ def _run_steps(task: Task, model: nn.Module, optimizer, loader, steps: int) -> f
         while done < steps:
             for batch in loader:
                 optimizer.zero_grad(set_to_none=True)
-                loss = task.device_loss(model, *batch)
-                loss.backward()
+                loss = gradients(*(t.to(device) for t in batch))
                 optimizer.step()  # empty Poisson batches still take a noised, accounted step
                 if len(batch[0]):
                     losses.append(loss.item())

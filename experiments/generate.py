@@ -35,6 +35,7 @@ from fl import config as C
 from fl.data.controls import CONTROL_NAMES, STUDIO_BACKDROP, backdrop, check_controls, conditions
 from fl.data.fleet import swap_benchmark
 from fl.data.images import UnusablePhoto, read_face
+from fl.device import DeviceUnavailable, place, resolve
 from fl.pretrain import load_checkpoint
 from fl.tasks import get_task
 from fl.tracking.mlflow_run import CONFIG_ARTIFACT, quiet_mlflow
@@ -192,6 +193,10 @@ def generate(args: argparse.Namespace) -> list[Path]:
     model.load_state_dict({**checkpoint["shared"], **checkpoint["personal_init"]}, strict=False)
     model.load_state_dict({k: v for k, v in personal_state(args, cfg, run_id).items()
                            if task.is_personal(k)}, strict=False)
+    try:
+        place(resolve(args.device), model)
+    except DeviceUnavailable as err:
+        raise GenerateError(f"--device: {err}") from None
     model.eval()
     with torch.no_grad():
         images = model(inputs.tensor)
@@ -211,6 +216,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--controls", action="append", help="portrait: 'yaw=..,smile=..' (repeat)")
     p.add_argument("--backdrop-image", help="portrait: take the backdrop colour from a photo")
     p.add_argument("--out", default="generated", help="output folder (default generated/)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available) | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--tracking-uri",
                    default=os.environ.get("MLFLOW_TRACKING_URI", C.DEFAULT_TRACKING_URI))
     return p

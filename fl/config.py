@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from fl.data.consent import DEFAULTS
 from fl.data.device_data import available_devices, source_names
 from fl.data.fleet import FleetSpec
 from fl.data.synthfaces import MAX_SIZE, MIN_SIZE
+from fl.device import DeviceUnavailable, check_name, resolve
 from fl.faults import KINDS as FAULT_KINDS
 from fl.privacy.ledger import ACCOUNTANTS
 from fl.privacy.noise import NOISE_MODES, SEEDED
@@ -109,6 +111,7 @@ def validate(cfg: DictConfig) -> None:
     validate_strategy(cfg)
     _validate_secure_aggregation(cfg)
     _validate_tracking(cfg)
+    _validate_hardware(cfg)
     _validate_pretrain_data(cfg)
 
 
@@ -158,6 +161,30 @@ def _validate_faults(cfg: DictConfig) -> None:
              "empty with data=device: simulated faults are for simulated fleets only")
 
 
+RAY_ADDRESS = re.compile(r"^(auto|(ray://)?[A-Za-z0-9._-]+:\d+)$")
+
+
+def _validate_hardware(cfg: DictConfig) -> None:
+    """``device`` is a device this machine has (``fl.device``); ``fleet.ray_address``
+    is null or a Ray address; a GPU share needs a device that computes on a GPU."""
+    name = cfg.get("device") or "auto"
+    try:
+        check_name(name)
+        resolve(name)
+    except DeviceUnavailable as err:
+        raise ConfigError(f"{err}. Override it, e.g. `python -m experiments.train "
+                          "device=cpu`.") from None
+    address = cfg.fleet.get("ray_address")
+    _require(address is None or isinstance(address, str) and bool(RAY_ADDRESS.match(address)),
+             "fleet.ray_address", address,
+             "null (a Ray instance of this process) or the address of a running Ray cluster: "
+             "auto, <head ip>:<port> or ray://<head ip>:<port> (`ray start --head` prints it)")
+    gpus = float(cfg.fleet.get("gpus_per_device") or 0)
+    _require(gpus == 0 or name != "cpu", "fleet.gpus_per_device", gpus,
+             "0 with device=cpu (a GPU share for devices that compute on the CPU would only "
+             "keep Ray from starting them); set device=auto or cuda")
+
+
 def fault_settings(cfg: DictConfig) -> tuple[float, list[str]]:
     """(share, kinds) of ``faults.*``; (0, []) when off."""
     faults = cfg.get("faults") or {}
@@ -190,6 +217,7 @@ NUMBERS: tuple[tuple[str, bool, float, float, bool], ...] = (
     ("fleet.newuser_steps", True, 0, INF, True),
     ("fleet.round_timeout", False, 0, INF, False),
     ("fleet.cpus_per_device", False, 0, INF, False),
+    ("fleet.gpus_per_device", False, 0, INF, True),
     ("fleet.start_quorum", False, 0, 1, False),
     ("fleet.unavailable_after", True, 0, INF, True),
     ("fleet.retry_after", True, 1, INF, True),
@@ -403,7 +431,8 @@ def recipe(cfg: DictConfig, photo: PhotoPlan) -> Recipe:
                   consent_default=consent_default(cfg),
                   device_storage=str(cfg.devices.storage_dir),
                   faults=",".join(faults), fault_share=share,
-                  fault_hang_seconds=float(cfg.fleet.round_timeout) + 5.0)
+                  fault_hang_seconds=float(cfg.fleet.round_timeout) + 5.0,
+                  device=str(cfg.get("device") or "auto"))
 
 
 def objective_key(cfg: DictConfig) -> str:

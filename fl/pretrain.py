@@ -41,7 +41,8 @@ def checkpoint_key(task: Task, spec: FleetSpec, steps: int, batch_size: int,
 
 
 def pretrain(task: Task, spec: FleetSpec, steps: int, batch_size: int, lr: float, seed: int,
-             progress: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[int, float], None] | None = None,
+             device: torch.device | str = "cpu") -> dict[str, Any]:
     """Train shared weights plus a table of public identity embeddings.
 
     Returns a checkpoint dict: the shared state, and the mean public embedding as
@@ -55,6 +56,9 @@ def pretrain(task: Task, spec: FleetSpec, steps: int, batch_size: int, lr: float
     shared = [p for n, p in model.named_parameters() if not task.is_personal(n)]
     optimizer = torch.optim.Adam(shared + list(identities.parameters()), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    from fl.device import place  # a device process never pretrains
+
+    place(device, model, identities)  # the `device` key (fl.device)
     model.train()
     for step in range(1, steps + 1):
         loss = task.pretrain_loss(model, identities, spec, rng, batch_size)
@@ -64,6 +68,7 @@ def pretrain(task: Task, spec: FleetSpec, steps: int, batch_size: int, lr: float
         scheduler.step()
         if progress:
             progress(step, loss.item())
+    model.cpu(), identities.cpu()  # the checkpoint holds CPU tensors
     mean_identity = identities.weight.detach().mean(dim=0, keepdim=True)
     return {"shared": task.shared_state(model),
             "personal_init": task.personal_init(model, mean_identity)}
@@ -91,6 +96,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def cached_pretrain(task: Task, spec: FleetSpec, steps: int,
                     batch_size: int, lr: float, seed: int, cache_dir: str | Path,
                     log: Callable[[str], None] = say,
+                    device: torch.device | str = "cpu",
                     on_trained: Callable[[Path, list[float], float], None] | None = None) -> Path:
     """Path of the pretrained checkpoint for this config, training it if missing.
 
@@ -115,7 +121,7 @@ def cached_pretrain(task: Task, spec: FleetSpec, steps: int,
             log(f"  pretrain step {step}/{steps}  loss {loss:.4f}  "
                 f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left")
 
-    checkpoint = pretrain(task, spec, steps, batch_size, lr, seed, progress)
+    checkpoint = pretrain(task, spec, steps, batch_size, lr, seed, progress, device=device)
     save_checkpoint(path, checkpoint["shared"], checkpoint["personal_init"])
     if on_trained:
         on_trained(path, losses, time.time() - start)

@@ -72,6 +72,7 @@ class Recipe:
     faults: str = ""
     fault_share: float = 0.0
     fault_hang_seconds: float = 0.0  # how long a "hang" device sleeps (past the timeout)
+    device: str = "auto"  # the run's `device` key: where a simulated device computes
 
 
 def round_config(recipe: Recipe, task: dict[str, Any], fleet: FleetSpec) -> ConfigRecord:

@@ -89,6 +89,7 @@ class LoopSettings:
     secure: bool = False  # aggregation.secure: SecAgg+, the server sees only the sum
     num_shares: float = 1.0  # aggregation.num_shares
     threshold: float = 0.5  # aggregation.threshold
+    device: str = "cpu"  # the `device` key: where the new-user check computes
 
 
 @dataclass
@@ -333,5 +334,6 @@ class RoundLoop:
         if self.s.newuser_identities <= 0:
             return {}
         score = newuser_score(self.task, shared, self.personal_init, self.spec,
-                              self.s.newuser_identities, self.s.newuser_steps, self.s.seed)
+                              self.s.newuser_identities, self.s.newuser_steps, self.s.seed,
+                              self.s.device)
         return {K.NEWUSER[self.task.primary_metric]: score}

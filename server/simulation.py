@@ -48,6 +48,26 @@ def _quiet_framework_logs(verbose: bool) -> None:
             handler.setLevel(logging.WARNING)
 
 
+def ray_backend_config(cfg: DictConfig) -> dict:
+    """Flower's Ray backend settings for this run.
+
+    ``client_resources``: each simulated device's share of a machine. Ray runs as
+    many devices at once as the CPUs and GPUs allow, so ``fleet.gpus_per_device``
+    0.25 lets four devices share one GPU. ``init_args`` go to ``ray.init``
+    (Flower's documented way to configure Ray); with ``fleet.ray_address`` that
+    is ``ray.init(address=...)``, which joins a running Ray cluster (started with
+    ``ray start --head`` and ``ray start --address``, docs/configuration.md), so
+    the simulation uses every node's resources instead of starting a local Ray.
+    """
+    init_args = {"logging_level": logging.ERROR, "log_to_driver": bool(cfg.verbose),
+                 "include_dashboard": False}
+    if cfg.fleet.get("ray_address"):
+        init_args["address"] = str(cfg.fleet.ray_address)
+    return {"client_resources": {"num_cpus": float(cfg.fleet.cpus_per_device),
+                                 "num_gpus": float(cfg.fleet.get("gpus_per_device") or 0.0)},
+            "init_args": init_args}
+
+
 def simulate(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None = None,
              resume: Checkpoint | None = None, client_app: ClientApp | None = None) -> Summary:
     """Run one experiment on a simulated fleet of ``fleet.num_devices`` devices
@@ -75,11 +95,7 @@ def simulate(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None = None,
     # Each simulated device trains with one thread; Ray runs as many as cores allow.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    backend_config = {
-        "client_resources": {"num_cpus": float(cfg.fleet.cpus_per_device), "num_gpus": 0.0},
-        "init_args": {"logging_level": logging.ERROR, "log_to_driver": bool(cfg.verbose),
-                      "include_dashboard": False},
-    }
+    backend_config = ray_backend_config(cfg)
     with recording_engine_nodes() as engine_nodes:
         run_simulation(server_app=server_app, client_app=client_app or default_client_app,
                        num_supernodes=int(cfg.fleet.num_devices),

@@ -62,14 +62,16 @@ def _seed_from(parts: tuple[int, ...]) -> int:
     return hash(tuple(int(p) for p in parts)) % 2**63
 
 
-def generator(mode: str, *seed_parts: int) -> torch.Generator:
-    """A CPU generator for one use (one DP-SGD run, one server release).
+def generator(mode: str, *seed_parts: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator for one use (one DP-SGD run, one server release), on ``device``
+    (noise is drawn where the tensor it is added to lives: a CUDA gradient needs a
+    CUDA generator).
 
     ``seeded``: seeded from ``seed_parts`` (the run seed, the round, the device).
     ``secure``: seeded from 64 bits of OS randomness; ``seed_parts`` are ignored.
     """
     seed = secrets.randbits(64) if check_mode(mode) == SECURE else _seed_from(seed_parts)
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def gaussian(shape: torch.Size | tuple[int, ...], std: float, gen: torch.Generator,

@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from fl import config as C
 from fl.console import say
+from fl.device import resolve as resolve_device
 from fl.pretrain import cached_pretrain, checkpoint_key
 from fl.tracking.mlflow_run import quiet_mlflow, tracking_uri
 
@@ -69,7 +70,8 @@ def resolve_init(cfg: DictConfig, log: Callable[[str], None] = say) -> str:
                                              pre.lr, cfg.seed, pre.cache_dir, log,
                                              on_trained=record))
     return str(cached_pretrain(task, spec, pre.steps, pre.batch_size, pre.lr, cfg.seed,
-                               pre.cache_dir, log, on_trained=record))
+                               pre.cache_dir, log, on_trained=record,
+                               device=resolve_device(str(cfg.get("device") or "auto"))))
 
 
 def init_source(cfg: DictConfig, path: str) -> str:
