@@ -109,6 +109,11 @@ def attribute_error(net: AttributeNet, images: torch.Tensor, attrs: Sequence[Att
     return float(np.abs(predicted - true).mean())
 
 
+def _on_cpu(images: torch.Tensor) -> torch.Tensor:
+    """The attribute net runs on the CPU, wherever the generator ran (``device``)."""
+    return images.detach().float().cpu()
+
+
 def face_metrics(prefix: str, net: AttributeNet, outputs: torch.Tensor,
                  truth: torch.Tensor, attrs: Sequence[Attributes], names: Sequence[str],
                  distractors: torch.Tensor, error_name: str) -> dict[str, float]:
@@ -122,6 +127,7 @@ def swap_face_metrics(swapped: torch.Tensor, truth: torch.Tensor,
     """Swap metrics of the model and of the blur baseline (device-side names)."""
     from fl.metrics import psnr
 
+    swapped, truth = _on_cpu(swapped), _on_cpu(truth)
     net = attribute_net(truth.shape[-1])
     distractors = distractor_references(net, seed, attrs, truth.shape[-1])
     blurred = blur(truth, SWAP_BLUR_SIGMA)
@@ -138,6 +144,7 @@ def portrait_face_metrics(portraits: torch.Tensor, truth: torch.Tensor,
     """Portrait metrics of the model and of the blur baseline (device-side names)."""
     from fl.metrics import psnr
 
+    portraits, truth = _on_cpu(portraits), _on_cpu(truth)
     net = attribute_net(truth.shape[-1])
     distractors = distractor_references(net, seed, attrs, truth.shape[-1])
     blurred = blur(truth, PORTRAIT_BLUR_SIGMA)
