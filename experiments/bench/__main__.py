@@ -23,6 +23,7 @@ from experiments.bench import (
 from experiments.bench.common import save, table
 
 BENCHES = {"renderer": renderer.run, "local_step": local_step.run, "fleet": fleet.run,
+           "fleet_parts": fleet.breakdown,
            "privacy_utility": privacy_utility.run, "init_and_personal": init_and_personal.run,
            "tracking_overhead": tracking_overhead.run, "poisoning": poisoning.run,
            "import_time": import_time.run, "fleet_scale": fleet_scale.run,

@@ -15,7 +15,7 @@ Three ways to do the same device updates (the same devices, recipe and weights):
 Ratios compare core-seconds per device update:
 ``(fleet seconds per update x workers) / (pure compute seconds per update)``,
 and the same for back to back. ``breakdown`` splits one back-to-back update into
-its parts (what the ClientApp adds to pure compute).
+its parts (what the ClientApp adds to pure compute; bench ``fleet_parts``).
 """
 
 from __future__ import annotations
@@ -136,3 +136,59 @@ def run(rounds: int = 3, repeats: int = 3, overrides: list[str] | None = None) -
         {"mode": "back to back / pure compute", "updates_per_s": nan,
          "core_s_per_update": b2b / pure},
     ]
+
+
+def _with_digest(update: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    from clients.device_state import update_digest
+
+    return update, update_digest(update)
+
+
+def breakdown(devices: int = 12) -> list[dict]:
+    """What the ClientApp's ``train`` does around ``train_on_device``, part by part
+    (medians over ``devices`` devices, first two dropped as warm-up): the photos'
+    first load (SynthFaces renders them), model construction, weight (de)coding
+    between Flower's ``ArrayRecord`` and torch, the update's digest, and the
+    device's state saved and read back."""
+    import tempfile
+
+    from clients.device_state import DeviceStore, load_personal, save_state
+
+    torch.set_num_threads(1)
+    cfg = compose(TRAIN_ONLY)
+    cfg.model.init = resolve_init(cfg)
+    checkpoint = load_checkpoint(cfg.model.init)
+    spec, the_recipe = fleet_spec(cfg), recipe(cfg, privacy_plan(cfg).photo)
+    task = get_task(task_params(cfg))
+    parts: dict[str, list[float]] = {}
+
+    def timed(name: str, fn):
+        start = time.perf_counter()
+        out = fn()
+        parts.setdefault(name, []).append(time.perf_counter() - start)
+        return out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for device in range(devices):
+            data = timed("photos: first load", lambda d=device: load_device_data(spec, d))
+            incoming = ArrayRecord(checkpoint["shared"])
+            shared = timed("weights in: ArrayRecord -> torch", incoming.to_torch_state_dict)
+            model = timed("model construction", lambda: task.build_model(spec.image_size))
+            timed("weights loaded into the model", lambda m=model, s=shared: m.load_state_dict(
+                {**s, **checkpoint["personal_init"]}, strict=False))
+            ledger = PhotoLedger(accountant=the_recipe.accountant)
+            timed("train_on_device (pure compute)", lambda m=model, d=data, lg=ledger, i=device:
+                  train_on_device(task, m, task.training_tensors(d), the_recipe, lg,
+                                  dp_generator(the_recipe, 1, i)))
+            update = timed("update: shared state + digest", lambda m=model: _with_digest(
+                task.shared_state(m)))
+            store = DeviceStore(f"{tmp}/device-{device}", "bench")
+            timed("state saved (fsync)", lambda s=store, m=model, lg=ledger, u=update:
+                  save_state(s, 1, m, task, lg, u[1]))
+            timed("weights out: torch -> ArrayRecord", lambda u=update: ArrayRecord(u[0]))
+            timed("personal part read back", lambda s=store, m=model: load_personal(
+                s, 2, m, task, checkpoint["personal_init"]))
+    medians = {name: statistics.median(values[2:]) for name, values in parts.items()}
+    pure = medians["train_on_device (pure compute)"]
+    return [{"part": name, "seconds": value, "share_of_pure_compute": value / pure}
+            for name, value in medians.items()]
