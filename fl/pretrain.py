@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,20 +22,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from fl.atomic import atomic_write
 from fl.console import say
-from fl.data.fleet import FleetSpec
+from fl.data.fleet import FleetSpec, public_identity
+from fl.models.identity import PublicIdentities
 from fl.tasks.base import Task
 
 CHECKPOINT_FORMAT = 1
+# Checkpoints committed to the repository (``pretrain.commit=true``), found by config hash.
+COMMITTED_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "pretrain"
 
 
 def checkpoint_key(task: Task, spec: FleetSpec, steps: int, batch_size: int,
                    lr: float, seed: int) -> str:
     """Hash of what determines the pretrained weights (not the fleet, not device settings)."""
     ident = {"format": CHECKPOINT_FORMAT, "task": task.architecture(), "data_seed": spec.seed,
+             "identities": "mapper",
              "image_size": spec.image_size, "num_public": spec.num_public, "steps": steps,
              "batch_size": batch_size, "lr": lr, "seed": seed}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -42,25 +46,32 @@ def checkpoint_key(task: Task, spec: FleetSpec, steps: int, batch_size: int,
 
 def pretrain(task: Task, spec: FleetSpec, steps: int, batch_size: int, lr: float, seed: int,
              progress: Callable[[int, float], None] | None = None,
-             device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Train shared weights plus a table of public identity embeddings.
+             device: torch.device | str = "cpu",
+             stop_after: int | None = None) -> dict[str, Any]:
+    """Train shared weights plus the map from public identities to their codes.
 
-    Returns a checkpoint dict: the shared state, and the mean public embedding as
-    the public starting point of every device's personal part.
+    Returns a checkpoint dict: the shared state, the mean public embedding as
+    the public starting point of every device's personal part, and the table of
+    public embeddings (``identities``, for checks; not saved in checkpoints).
+    ``stop_after`` ends the schedule early (the reproduction check of a committed
+    checkpoint replays its first steps).
+
+    Schedule: Adam with a linear warm-up over the first 5% of the steps, then a
+    cosine decay to zero, so the last steps settle instead of stopping mid-descent.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = task.build_model(spec.image_size)
-    identities = nn.Embedding(spec.num_public, task.personal_dim)
-    nn.init.normal_(identities.weight, 0.0, 0.1)
+    identities = PublicIdentities([public_identity(spec, k) for k in range(spec.num_public)],
+                                  task.personal_dim)
     shared = [p for n, p in model.named_parameters() if not task.is_personal(n)]
     optimizer = torch.optim.Adam(shared + list(identities.parameters()), lr=lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps))
     from fl.device import place  # a device process never pretrains
 
     place(device, model, identities)  # the `device` key (fl.device)
     model.train()
-    for step in range(1, steps + 1):
+    for step in range(1, min(steps, stop_after or steps) + 1):
         loss = task.pretrain_loss(model, identities, spec, rng, batch_size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -69,9 +80,22 @@ def pretrain(task: Task, spec: FleetSpec, steps: int, batch_size: int, lr: float
         if progress:
             progress(step, loss.item())
     model.cpu(), identities.cpu()  # the checkpoint holds CPU tensors
-    mean_identity = identities.weight.detach().mean(dim=0, keepdim=True)
+    with torch.no_grad():
+        codes = identities.weight
     return {"shared": task.shared_state(model),
-            "personal_init": task.personal_init(model, mean_identity)}
+            "personal_init": task.personal_init(model, codes.mean(dim=0, keepdim=True)),
+            "identities": codes}
+
+
+def _warmup_cosine(steps: int) -> Callable[[int], float]:
+    warmup = max(steps // 20, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+
+    return factor
 
 
 def save_checkpoint(path: str | Path, shared: dict[str, torch.Tensor],
@@ -93,22 +117,75 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def committed_path(task: Task, key: str, committed_dir: str | Path = COMMITTED_DIR) -> Path:
+    """Where a committed checkpoint of this config hash lives (it may not exist)."""
+    return Path(committed_dir) / f"{task.name}-{key}.pt"
+
+
+def record_path(checkpoint: Path) -> Path:
+    """The JSON record beside a checkpoint: config hash, loss curve, wall time."""
+    return checkpoint.with_suffix(".record.json")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def committed_checkpoint(task: Task, key: str,
+                         committed_dir: str | Path = COMMITTED_DIR) -> Path | None:
+    """The committed checkpoint for this config hash, if one is there and intact.
+
+    Used only when its file name *and* its record carry exactly this hash and the
+    file's SHA-256 is the recorded one: a changed config pretrains afresh."""
+    path = committed_path(task, key, committed_dir)
+    record = record_path(path)
+    if not (path.is_file() and record.is_file()):
+        return None
+    meta = json.loads(record.read_text())
+    if meta.get("key") != key or meta.get("sha256") != file_sha256(path):
+        return None
+    return path
+
+
+def write_record(path: Path, key: str, task: Task, spec: FleetSpec, steps: int,
+                 batch_size: int, lr: float, seed: int, losses: list[float],
+                 seconds: float) -> Path:
+    """Record a fresh pretraining beside its checkpoint (what a commit publishes)."""
+    tail = losses[-max(len(losses) // 20, 1):] if losses else [float("nan")]
+    meta = {"key": key, "task": task.name, "architecture": task.architecture(),
+            "image_size": spec.image_size, "num_public": spec.num_public,
+            "data_seed": spec.seed, "steps": steps, "batch_size": batch_size, "lr": lr,
+            "seed": seed, "seconds": round(seconds, 1),
+            "final_loss": float(np.mean(tail)), "sha256": file_sha256(path),
+            "losses": [round(v, 6) for v in losses]}
+    target = record_path(path)
+    atomic_write(target, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    return target
+
+
 def cached_pretrain(task: Task, spec: FleetSpec, steps: int,
                     batch_size: int, lr: float, seed: int, cache_dir: str | Path,
                     log: Callable[[str], None] = say,
                     device: torch.device | str = "cpu",
-                    on_trained: Callable[[Path, list[float], float], None] | None = None) -> Path:
+                    on_trained: Callable[[Path, list[float], float], None] | None = None,
+                    committed_dir: str | Path = COMMITTED_DIR) -> Path:
     """Path of the pretrained checkpoint for this config, training it if missing.
 
-    ``on_trained(path, losses, seconds)`` is called after a fresh training (the
-    MLflow record of the pretraining hangs off it)."""
+    Looks in the cache, then among the committed checkpoints (same config hash
+    only), and trains otherwise. ``on_trained(path, losses, seconds)`` is called
+    after a fresh training (the MLflow record of the pretraining hangs off it)."""
     key = checkpoint_key(task, spec, steps, batch_size, lr, seed)
     path = Path(cache_dir) / f"{task.name}-{key}.pt"
     if path.is_file():
         log(f"pretrained shared weights: cached at {path}")
         return path
+    committed = committed_checkpoint(task, key, committed_dir)
+    if committed is not None:
+        log(f"pretrained shared weights: committed checkpoint {committed} "
+            f"(config hash {key} matches)")
+        return committed
     log(f"pretraining {task.name} on {spec.num_public} public identities "
-        f"({steps} steps, {spec.image_size}px); cached at {path}")
+        f"({steps} steps, {spec.image_size}px, config hash {key}); cached at {path}")
     start = time.time()
     every = max(steps // 10, 1)
     losses: list[float] = []
@@ -123,6 +200,8 @@ def cached_pretrain(task: Task, spec: FleetSpec, steps: int,
 
     checkpoint = pretrain(task, spec, steps, batch_size, lr, seed, progress, device=device)
     save_checkpoint(path, checkpoint["shared"], checkpoint["personal_init"])
+    seconds = time.time() - start
+    write_record(path, key, task, spec, steps, batch_size, lr, seed, losses, seconds)
     if on_trained:
-        on_trained(path, losses, time.time() - start)
+        on_trained(path, losses, seconds)
     return path

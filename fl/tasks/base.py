@@ -67,6 +67,9 @@ class Task(ABC):
     primary_metric: str = ""
     #: Whether a device's photos need portrait controls (labels) to train.
     needs_controls: bool = False
+    #: Weight of the structural term (1 - SSIM) beside the MSE in pretraining
+    #: (``fl.models.losses``): without it small features (eyes, mouth) are lost.
+    structure_weight: float = 0.1
 
     @abstractmethod
     def architecture(self) -> dict[str, Any]:

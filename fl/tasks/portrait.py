@@ -27,6 +27,7 @@ from fl.data.device_data import DeviceData
 from fl.data.fleet import FleetSpec, public_attributes, public_identity
 from fl.data.synthfaces import Attributes, Identity, render
 from fl.metrics import psnr, ssim
+from fl.models.losses import generator_loss
 from fl.models.portrait import PortraitModel
 from fl.tasks.base import SampleColumn, Task, register_task
 
@@ -80,7 +81,8 @@ class PortraitTask(Task):
     def architecture(self) -> dict[str, int | str]:
         # Not the adapter: it is personal, untouched by pretraining, and starts at
         # the identity (runs fill it in), so one pretraining serves both settings.
-        return {"name": self.name, "width": self.width, "code_dim": self.code_dim,
+        return {"name": self.name, "design": "control-field-unet", "width": self.width,
+                "code_dim": self.code_dim,
                 "id_dim": self.personal_dim, "hidden": self.hidden}
 
     def build_model(self, image_size: int) -> PortraitModel:
@@ -106,7 +108,7 @@ class PortraitTask(Task):
                  for t, i in zip(target, rng.integers(1_000_000, size=batch_size))]
         truth = render([public_identity(spec, int(t)) for t in target], attrs, spec.image_size)
         pred = model.draw(render_conditions(truth, attrs), identities(torch.from_numpy(target)))
-        return F.mse_loss(pred, torch.from_numpy(truth))
+        return generator_loss(pred, torch.from_numpy(truth), self.structure_weight)
 
     def pretrain_loss_on_photos(self, model: PortraitModel, photos: torch.Tensor,
                                 identity: torch.Tensor, conditions: torch.Tensor | None,

@@ -24,6 +24,7 @@ from fl.data.fleet import (
 )
 from fl.data.synthfaces import render
 from fl.metrics import psnr, ssim
+from fl.models.losses import generator_loss
 from fl.models.swap import SwapModel
 from fl.tasks.base import SampleColumn, Task, register_task
 
@@ -34,44 +35,48 @@ from fl.tasks.base import SampleColumn, Task, register_task
 @register_task("swap")
 class SwapTask(Task):
     primary_metric = "swap_psnr"
-    def __init__(self, width: int = 32, code_dim: int = 32, id_dim: int = 32,
+    #: Share of pretraining pairs whose frame shows another identity than the target.
+    swap_share = 0.8
+
+    def __init__(self, width: int = 32, id_dim: int = 32,
                  device_trains: list[str] | tuple[str, ...] = ("decoder",),
                  eval_clips: int = 2) -> None:
-        self.width, self.code_dim, self.personal_dim = int(width), int(code_dim), int(id_dim)
+        self.width, self.personal_dim = int(width), int(id_dim)
         self.device_trains = tuple(f"{p}." for p in device_trains)
         self.eval_clips = int(eval_clips)
 
     def architecture(self) -> dict[str, int | str]:
-        return {"name": self.name, "width": self.width, "code_dim": self.code_dim,
+        return {"name": self.name, "design": "unet-film", "width": self.width,
                 "id_dim": self.personal_dim}
 
     def build_model(self, image_size: int) -> SwapModel:
-        return SwapModel(image_size, self.width, self.code_dim, self.personal_dim)
+        return SwapModel(image_size, self.width, self.personal_dim)
 
     def device_loss(self, model: nn.Module, photos: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(model(photos), photos)
 
     def pretrain_loss(self, model: SwapModel, identities: nn.Embedding, spec: FleetSpec,
                       rng: np.random.Generator, batch_size: int) -> torch.Tensor:
-        """Half reconstruction, half *supervised swap* on public identities.
+        """Mostly *supervised swap*, some reconstruction, on public identities.
 
         The renderer gives the exact ground truth of identity A under the
-        attributes of a frame of identity B, so the encoder is taught to carry
-        pose, expression, light and scene but not identity: exactly what a swap
-        needs. Only public identities take part.
+        attributes of a frame of identity B (same pose, expression, light and
+        scene), so the model is taught to take structure from the frame's U-Net
+        skips but identity only from the embedding: a decoder that copied B's
+        face through the skips would be wrong on ``swap_share`` of the pairs.
+        Only public identities take part.
         """
         n_public = identities.num_embeddings
         target = rng.integers(n_public, size=batch_size)
-        source = np.where(rng.uniform(size=batch_size) < 0.5, target,
-                          rng.integers(n_public, size=batch_size))
+        source = np.where(rng.uniform(size=batch_size) < self.swap_share,
+                          rng.integers(n_public, size=batch_size), target)
         attrs = [public_attributes(spec, int(s), int(i))
                  for s, i in zip(source, rng.integers(1_000_000, size=batch_size))]
         frames = render([public_identity(spec, int(s)) for s in source], attrs, spec.image_size)
         truth = render([public_identity(spec, int(t)) for t in target],
                        [a.replace(noise_sigma=0.0) for a in attrs], spec.image_size)
-        code = model.encoder(torch.from_numpy(frames))
-        pred = model.decoder(code, identities(torch.from_numpy(target)))
-        return F.mse_loss(pred, torch.from_numpy(truth))
+        pred = model.draw(torch.from_numpy(frames), identities(torch.from_numpy(target)))
+        return generator_loss(pred, torch.from_numpy(truth), self.structure_weight)
 
     def pretrain_loss_on_photos(self, model: SwapModel, photos: torch.Tensor,
                                 identity: torch.Tensor, conditions: torch.Tensor | None,

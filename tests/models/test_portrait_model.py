@@ -49,7 +49,7 @@ def test_training_tensors_pair_each_photo_with_its_conditions():
 def test_pretrained_generator_follows_the_requested_controls():
     """After a short pretraining, each drawn portrait is closer to the ground truth
     of the controls it was asked for than to that of the opposite controls."""
-    task = get_task({"name": "portrait", "width": 8})
+    task = get_task({"name": "portrait", "width": 8, "hidden": 16})
     checkpoint = pretrain(task, SPEC, steps=150, batch_size=16, lr=3e-3, seed=0)
     model = task.build_model(32)
     model.load_state_dict({**checkpoint["shared"], **checkpoint["personal_init"]})
