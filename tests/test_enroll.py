@@ -14,6 +14,7 @@ a file.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import mlflow
@@ -214,3 +215,26 @@ def test_a_personal_part_fitted_without_dp_is_refused_under_photo_level_dp(tmp_p
     for run in ("run-d", "run-e"):
         joined = _train(context, _recipe(tmp_path, noise="secure", run=run), 1, fleet)
         assert _metrics(joined)[P.TRAINED] == 1, _reason(joined)
+
+
+def test_the_swap_task_enrolls_too(tmp_path, capsys, monkeypatch):
+    """The default task: the personal part is fitted by reconstructing the faces."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["task=swap", "task.width=8", "data.num_public=8", f"tracking.uri={uri}"])
+    task, spec = get_task(task_params(cfg)), fleet_spec(cfg)
+    checkpoint = pretrain(task, spec, steps=3, batch_size=4, lr=2e-3, seed=0)
+    run = RunLogger(cfg)
+    run.log_shared_model(checkpoint["shared"], checkpoint["personal_init"], task_params(cfg),
+                         spec, None)
+    run.end()
+    state = tmp_path / "state"
+    assert enroll_main(["--photos", str(_selfies(tmp_path)), "--model", run.run_id,
+                        "--state-dir", str(state), "--steps", "5",
+                        "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    used = int(re.search(r"enrolled from (\d+) photos", out).group(1))
+    assert 8 <= used <= 12 and "wall.jpg: skipped" in out  # Haar misses some renders
+    personal = DeviceStore(state, run.run_id).personal_of_run(run.run_id)
+    assert set(personal) == set(checkpoint["personal_init"])
+    assert any(not torch.equal(personal[k], checkpoint["personal_init"][k]) for k in personal)
