@@ -194,9 +194,9 @@ def generate(args: argparse.Namespace) -> list[Path]:
     model.load_state_dict({k: v for k, v in personal_state(args, cfg, run_id).items()
                            if task.is_personal(k)}, strict=False)
     try:
-        place(resolve(args.device), model)
+        place(resolve(args.compute_device), model)
     except DeviceUnavailable as err:
-        raise GenerateError(f"--device: {err}") from None
+        raise GenerateError(f"--compute-device: {err}") from None
     model.eval()
     with torch.no_grad():
         images = model(inputs.tensor)
@@ -216,7 +216,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--controls", action="append", help="portrait: 'yaw=..,smile=..' (repeat)")
     p.add_argument("--backdrop-image", help="portrait: take the backdrop colour from a photo")
     p.add_argument("--out", default="generated", help="output folder (default generated/)")
-    p.add_argument("--device", default="auto",
+    # Not --device: that is the simulated device's index (argparse refuses both).
+    p.add_argument("--compute-device", default="auto",
                    help="auto (CUDA when available) | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--tracking-uri",
                    default=os.environ.get("MLFLOW_TRACKING_URI", C.DEFAULT_TRACKING_URI))
