@@ -208,3 +208,25 @@ def presence(update: np.ndarray, directions: np.ndarray,
     basis = directions if nuisance is None else np.concatenate([directions, nuisance])
     coef, *_ = np.linalg.lstsq(basis.T, update / norm, rcond=None)
     return [float(c) for c in coef[:len(directions)]]
+
+
+@torch.no_grad()
+def loss_drop(task, model: nn.Module, placement: Placement, device: int,
+              sent: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor],
+              personal_init: Mapping[str, torch.Tensor], image_size: int) -> dict[int, float]:
+    """Each of ``device``'s canary slots scored by how much one update lowered
+    its loss (the loss test of membership inference): device loss at the weights
+    sent minus at the weights received, both with the public personal part."""
+    slots = placement.slots.get(device, ())
+    if not slots:
+        return {}
+    photos = torch.from_numpy(np.stack([canary_photo(placement.seed, c, image_size)
+                                        for c in slots]))
+    model.eval()
+    out = {}
+    for state, sign in ((sent, 1.0), ({**sent, **received}, -1.0)):
+        model.load_state_dict({**state, **personal_init}, strict=False)
+        for c, photo in zip(slots, photos):
+            out[c] = out.get(c, 0.0) + sign * float(task.device_loss(model, photo[None]))
+    return out
+

@@ -124,3 +124,25 @@ def test_noise_off_with_the_ledger_unchanged_is_caught(base, coins):
     broken, theory_broken = _game(noisy, coins, bug=NOISE_OFF)
     assert theory_broken == pytest.approx(theory)  # the ledger did not notice
     assert broken.epsilon_lower > theory_broken
+
+
+def test_loss_drop_is_positive_for_a_step_on_the_canary_and_zero_without_one(tiny_overrides):
+    cfg = compose(tiny_overrides)
+    task, spec = get_task(task_params(cfg)), fleet_spec(cfg)
+    model = task.build_model(spec.image_size)
+    sent = {k: v.clone() for k, v in task.shared_state(model).items()}
+    personal = task.personal_state(model)
+    placement = CP.place([0], 2, 4, seed=1, coins=np.array([True, False]))
+    keys = CP.trained_keys(task, sent)
+    photo = torch.from_numpy(CP.canary_photo(1, 0, spec.image_size))[None]
+    step = CP.unit_gradient(task, model, (photo,), keys)  # minus the gradient, unit norm
+    received, start = dict(sent), 0
+    for k in keys:
+        n = sent[k].numel()
+        received[k] = sent[k] + 0.05 * torch.from_numpy(step[start:start + n]).reshape(
+            sent[k].shape).float()
+        start += n
+    drops = CP.loss_drop(task, model, placement, 0, sent, received, personal, spec.image_size)
+    assert drops[0] > 0 and drops[0] > drops[1]
+    still = CP.loss_drop(task, model, placement, 0, sent, sent, personal, spec.image_size)
+    assert still == {0: 0.0, 1: 0.0}
