@@ -69,16 +69,27 @@ def _move(value, device: torch.device):
     return value
 
 
-class _Placement:
-    """Counts nested module calls so that only the outermost one moves tensors."""
+def _device_of(module: nn.Module) -> torch.device | None:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return None
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.depth = device, 0
+
+class _Placement:
+    """Counts nested module calls so that only the outermost one moves tensors:
+    to where the called module's weights are now (so a later ``.cpu()`` or
+    ``.to()`` of the model is followed), and its result back to the CPU."""
+
+    def __init__(self) -> None:
+        self.depth = 0
 
     def before(self, module, args, kwargs):
         self.depth += 1
-        if self.depth == 1:
-            return _move(args, self.device), _move(kwargs, self.device)
+        device = _device_of(module) if self.depth == 1 else None
+        if device is not None:
+            return _move(args, device), _move(kwargs, device)
         return args, kwargs
 
     def after(self, module, args, kwargs, output):
@@ -94,9 +105,9 @@ def place(device: torch.device, *modules: nn.Module) -> None:
     The modules share one call counter, so a model and a separate embedding
     table that a loss feeds into it (pretraining's public identities) behave as
     one. The hooks stay for the modules' lifetime (models here are built per
-    use); on the CPU they move nothing.
+    use) and follow the modules if they move again; on the CPU they move nothing.
     """
-    placement = _Placement(device)
+    placement = _Placement()
     for module in modules:
         module.to(device)
         for sub in module.modules():

@@ -159,3 +159,10 @@ def test_generate_style_inference_on_cuda_matches_the_cpu():
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-3), key
 
+
+
+def test_a_placed_model_moved_back_to_the_cpu_takes_cpu_inputs_again():
+    model, placed = _placed_pair(torch.device("cuda" if CUDA else "cpu"))
+    placed.cpu()
+    x = torch.rand(1, 3, 8, 8)
+    assert torch.allclose(placed(x), model(x), atol=1e-5)
