@@ -6,7 +6,7 @@ finishes; the final shared weights are finite; ``fleet/devices_rejected`` and
 valid-but-hostile ones (huge_norm, flip_sign) are accepted and bounded by the
 user-level clip; quality on the honest devices is never NaN. The crash and hang
 devices are paused after ``fleet.unavailable_after`` (here 1) miss, so they cost
-the round timeout once. One honest device misses the first session's roll call (the
+the round timeout once. One honest device is not connected in the first session (the
 run starts without it), the server stops after round 2, and the resumed session
 misses a different device: the absent one keeps its record, the returning one
 trains. (A device is absent by not being connected when the session starts: the
