@@ -202,7 +202,15 @@ def _loss(net: AttributeNet, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def train_attribute_net(image_size: int, config: AttributeNetConfig = AttributeNetConfig(),
                         log=None) -> AttributeNet:
-    """Train the attribute network on public renders (deterministic from ``config.seed``)."""
+    """Train the attribute network on public renders (deterministic from ``config.seed``).
+
+    Gradients on even when called from evaluation code under ``torch.no_grad`` (a
+    device whose cache is empty trains the net inside ``evaluate_device``)."""
+    with torch.enable_grad():
+        return _train(image_size, config, log)
+
+
+def _train(image_size: int, config: AttributeNetConfig, log) -> AttributeNet:
     torch.manual_seed(config.seed)
     data = {k: torch.from_numpy(v) for k, v in render_dataset(
         image_size, config.identities, config.photos_per_identity, TRAIN_ID_OFFSET).items()}

@@ -131,3 +131,16 @@ def test_the_round_line_shows_the_face_metrics_beside_the_decibels():
                                 K.SWAP_POSE_ERROR: 0.256})
     assert "swap 21.50 dB" in line and "id 0.88 pose err 0.256" in line
     assert "id " not in format_round(3, 20, {K.SWAP_PSNR: 21.5})
+
+
+def test_a_device_with_an_empty_cache_trains_the_net_inside_evaluation(tmp_path):
+    """Evaluation runs under ``torch.no_grad``; a device whose cache is empty trains
+    the net there (found from a clean checkout: the backward failed)."""
+    from dataclasses import replace
+
+    tiny = replace(A.AttributeNetConfig(), identities=8, photos_per_identity=2, epochs=1,
+                   batch_size=8)
+    with torch.no_grad():
+        net = A.attribute_net(SIZE, tiny, directory=tmp_path)
+    assert list(tmp_path.glob("attributes-32px-*.pt"))
+    assert not any(p.requires_grad for p in net.parameters())
