@@ -49,6 +49,16 @@ def test_committed_checkpoint_replays_its_first_steps(record_file):
     np.testing.assert_allclose(losses, record["losses"][:REPLAY_STEPS], rtol=2e-3)
 
 
+def test_the_default_run_uses_a_committed_checkpoint():
+    """`make run` finds the committed swap checkpoint by its config hash."""
+    cfg = C.compose([])
+    task, spec, pre = get_task(C.task_params(cfg)), C.fleet_spec(cfg), cfg.pretrain
+    key = checkpoint_key(task, spec, pre.steps, pre.batch_size, pre.lr, cfg.seed)
+    assert committed_checkpoint(task, key) is not None, (
+        f"no committed checkpoint for the default config (hash {key}): run "
+        "`python -m experiments.pretrain pretrain.commit=true`")
+
+
 def test_committed_checkpoint_only_on_a_matching_hash(tmp_path):
     """A committed file is used for its own hash only, and only while intact."""
     task = get_task({"name": "swap", "width": 4})
