@@ -20,8 +20,8 @@ Failures are handled where they happen: a device that errs, times out or sends a
 malformed reply at a stage (``fl.secagg.server`` checks every one) is out of the
 protocol from then on, rejected with the reason if malformed. If too few
 devices are left for the threshold of shares, or the sum cannot be rebuilt,
-the round is abandoned: nothing is released, ``fleet/secagg_rounds_abandoned``
-counts it, and the log says why.
+the round is abandoned: nothing is released, ``fleet/secagg_abandoned`` is 1 for
+it (0 for a round that finished), and the log says why.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ class SecureAggregation:
                              "DP's clip, or strategy.update_norm_bound")
         self.transport, self._release, self.log = transport, release, log
         self.num_shares, self.threshold = num_shares, threshold
-        self.abandoned_rounds = 0
         self.bytes_received = 0  # of every protocol reply (measured by the benchmark)
 
     # --- step 3 -----------------------------------------------------------------
@@ -125,13 +124,15 @@ class SecureAggregation:
 
     def _abandon(self, rnd: int, shared, why: str) -> Released:
         """Nothing is released or counted as released; the round is logged and counted."""
-        self.abandoned_rounds += 1
         self.log(f"round {rnd}: secure aggregation abandoned, nothing released: {why}")
-        return Released(dict(shared), self._release.metrics() | self._metrics(), [],
+        return Released(dict(shared), self._release.metrics() | self._metrics(True), [],
                         self.rejected, self.excused)
 
-    def _metrics(self) -> dict[str, float]:
-        return {K.SECAGG_ROUNDS_ABANDONED: float(self.abandoned_rounds)}
+    @staticmethod
+    def _metrics(abandoned: bool = False) -> dict[str, float]:
+        """Per round, so a resumed run needs no count carried over: the series sums
+        to the rounds abandoned."""
+        return {K.SECAGG_ABANDONED: float(abandoned)}
 
     @staticmethod
     def _check(why: str) -> None:

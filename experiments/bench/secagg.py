@@ -140,5 +140,5 @@ def run_quality(overrides: list[str] | None = None) -> list[dict]:
                          metric: summary.final(metric),
                          "user_eps": summary.final("privacy/user_eps"),
                          "round_s_median": statistics.median(rounds),
-                         "abandoned": summary.final("fleet/secagg_rounds_abandoned")})
+                         "abandoned": summary.final("fleet/secagg_abandoned")})
     return rows

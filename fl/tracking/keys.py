@@ -48,9 +48,9 @@ DEVICES_BUDGET_EXHAUSTED = "fleet/devices_budget_exhausted"
 DEVICES_UNAVAILABLE = "fleet/devices_unavailable"  # paused after fleet.unavailable_after misses
 DEVICES_ABSENT = "fleet/devices_absent"  # missed this session's roll call
 UPDATE_CLIP_FRACTION = "fleet/update_clip_fraction"
-# aggregation.secure: rounds whose SecAgg+ could not finish (too few devices left for the
-# threshold of shares, a sum that does not decode); nothing was released for them
-SECAGG_ROUNDS_ABANDONED = "fleet/secagg_rounds_abandoned"
+# aggregation.secure: 1 for a round whose SecAgg+ could not finish (too few devices left
+# for the threshold of shares, a sum that does not decode; nothing was released), else 0
+SECAGG_ABANDONED = "fleet/secagg_abandoned"
 DEVICES_EVALUATED_PERSONALISED = "fleet/eval_devices_personalised"
 ROUND_SECONDS = "fleet/round_seconds"  # wall time of the round (train, aggregate, evaluate)
 UPDATES_PER_SECOND = "fleet/updates_per_second"  # device updates received / training wall time

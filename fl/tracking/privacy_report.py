@@ -238,9 +238,9 @@ NO_SECURE_AGGREGATION_TRUST = (
 
 
 def _aggregation_trust(history: dict[int, dict[str, float]]) -> str:
-    """A run under secure aggregation logs ``fleet/secagg_rounds_abandoned`` every
-    round it trained."""
-    secure = any(K.SECAGG_ROUNDS_ABANDONED in m for m in history.values())
+    """A run under secure aggregation logs ``fleet/secagg_abandoned`` every round
+    it trained."""
+    secure = any(K.SECAGG_ABANDONED in m for m in history.values())
     return SECURE_AGGREGATION_TRUST if secure else NO_SECURE_AGGREGATION_TRUST
 
 

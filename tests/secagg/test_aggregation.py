@@ -75,7 +75,7 @@ def test_secure_dp_fedavg_equals_plain_within_the_quantization_error():
         assert not torch.equal(secure.state[key], SHARED[key])
     assert torch.equal(secure.state["encoder.w"], SHARED["encoder.w"])
     assert secure.metrics[K.USER_EPS] == plain.metrics[K.USER_EPS]
-    assert secure.metrics[K.SECAGG_ROUNDS_ABANDONED] == 0
+    assert secure.metrics[K.SECAGG_ABANDONED] == 0
 
 
 @pytest.mark.parametrize("stage", S.STAGES)
@@ -102,7 +102,7 @@ def test_below_the_threshold_nothing_is_released(stage):
     assert released.accepted == [] and release.released == 0
     for key, value in SHARED.items():
         assert torch.equal(released.state[key], value)
-    assert released.metrics[K.SECAGG_ROUNDS_ABANDONED] == 1
+    assert released.metrics[K.SECAGG_ABANDONED] == 1
     assert len(logged) == 1 and "abandoned, nothing released" in logged[0]
     # Devices left waiting when it was abandoned before training are excused, not failed.
     assert sorted(released.excused) == (sorted(NODES[3:]) if stage in (

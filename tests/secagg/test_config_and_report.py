@@ -31,7 +31,7 @@ def test_secure_aggregation_needs_a_bound_and_a_mean():
 def test_the_report_states_what_secure_aggregation_changes():
     plan = privacy_plan(compose([]))
     plain = report(plan, {1: {K.USER_EPS: 1.0}})
-    secure = report(plan, {1: {K.USER_EPS: 1.0, K.SECAGG_ROUNDS_ABANDONED: 0.0}})
+    secure = report(plan, {1: {K.USER_EPS: 1.0, K.SECAGG_ABANDONED: 0.0}})
     assert plain["trust_assumptions"][0].startswith("No secure aggregation")
     text = secure["trust_assumptions"][0]
     assert "holds no individual update in the clear" in text

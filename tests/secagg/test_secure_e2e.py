@@ -74,7 +74,7 @@ def test_server_sees_only_the_sum(tiny_overrides, tmp_path):
     _, secure, grid, last = _run(tiny_overrides, tmp_path, "secure",
                                  ["aggregation.secure=true"])
     assert secure.final("fleet/devices_trained") == plain.final("fleet/devices_trained") == 3
-    assert secure.final("fleet/secagg_rounds_abandoned") == 0
+    assert secure.final("fleet/secagg_abandoned") == 0
 
     # Each device's update in the clear, from the plain run (same seeded DP-SGD).
     sent = {m.metadata.dst_node_id: m for m in plain_grid.sent
