@@ -44,7 +44,7 @@ parameter's per-sample gradient and every recorded layer input must have exactly
 one row per photo; and on the first batch of at least ``CHECK_ROWS`` photos it
 compares its rows for the first ``CHECK_ROWS`` photos with ``TorchFunc``'s on the
 same photos, per parameter. That check costs one ``TorchFunc`` pass over two
-photos (60-100 ms on one CPU thread for fedface's 32 px models, about one step's
+photos (65-175 ms on one CPU thread for fedface's 32 px models, about one step's
 time), once per model structure per process (``_structure``: task, classes,
 parameter names, shapes and trained-ness, a photo's shape), not once per step.
 A rows-that-mix-photos layer either has a dim 0 other than the batch size (the
