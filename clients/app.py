@@ -142,9 +142,12 @@ NOT_DP_REFUSAL = ("refused: this device's personal part was fitted without photo
 
 
 def _refusal(context: Context, recipe: P.Recipe, store: DeviceStore,
-             server_round: int) -> tuple[str, dict]:
+             server_round: int, msg: Message | None = None) -> tuple[str, dict]:
     """Why this device will not train this round ("" if it will), and the metrics
     that say so to the server."""
+    plain = secagg.plain_refusal(context, msg) if msg is not None else ""
+    if plain:
+        return plain, {}
     if recipe.noise == SEEDED and is_real_device(context):
         return SEEDED_REFUSAL, {}
     if recipe.faults and is_real_device(context):
@@ -224,7 +227,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = _server_round(msg)
     recipe, task, fleet, store = _instructions(msg, context)
     newest = load_ledger(store, recipe.accountant)  # never rolled back
-    reason, extra = _refusal(context, recipe, store, server_round)
+    reason, extra = _refusal(context, recipe, store, server_round, msg)
     if reason:
         content = RecordDict({P.METRICS: MetricRecord(_train_metrics(recipe, newest) | extra),
                               P.STATUS: ConfigRecord({P.REASON: reason})})

@@ -15,6 +15,16 @@ SuperNode) and is never sent. A refusal (``fl.secagg.device.Refused``) answers a
 query with the reason, and turns a training message into an error reply before
 training: the server counts the device as dropped, and nothing of its photos
 was used.
+
+A device whose node config sets ``require-secure-aggregation=true`` refuses a
+training message without the SecAgg record (the server turned it off) with the
+reason, before training: the server alone decides ``aggregation.secure``.
+
+Trust: this protects a device's update against an honest-but-curious server only.
+Devices cannot authenticate each other's public keys (no PKI of device keys) and
+there is no consistency-check round, so a server that substitutes keys or sends
+devices different survivor lists (split views) can read one device's update; the
+checks of ``fl.secagg.device`` catch accidents, not that (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -29,6 +39,27 @@ from fl.secagg import device as D
 from fl.secagg import params as S
 
 log = logging.getLogger(__name__)
+
+# Node config key (set by the device's owner when starting the SuperNode; the
+# server cannot set it): true = train only under secure aggregation.
+REQUIRE_KEY = "require-secure-aggregation"
+PLAIN_REFUSAL = ("refused: this device's node config sets require-secure-aggregation=true "
+                 "and the server asked for its update without secure aggregation; run with "
+                 "aggregation.secure=true")
+
+
+def plain_refusal(context: Context, msg: Message) -> str:
+    """Why this device will not train for ``msg`` ("" if it will): its owner insists
+    on secure aggregation and the message has no SecAgg record. A value of the key
+    other than true/false refuses too (the owner meant something; never guess
+    plain)."""
+    value = context.node_config.get(REQUIRE_KEY, False)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        value = value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        return (f"refused: node config {REQUIRE_KEY}={value!r} is not true or false; "
+                "restart the SuperNode with true or false")
+    return PLAIN_REFUSAL if value and S.RECORD not in msg.content else ""
 
 
 def _session(context: Context, round_: object) -> D.Session:

@@ -136,6 +136,9 @@ def _validate_secure_aggregation(cfg: DictConfig) -> None:
         return
     _require(cfg.fleet.devices_per_round >= 2, "aggregation.secure", secure,
              "false with fleet.devices_per_round=1: a sum of one update is that update")
+    _require(cfg.fleet.devices_per_round >= agg.min_survivors, "aggregation.min_survivors",
+             agg.min_survivors, f"at most fleet.devices_per_round={cfg.fleet.devices_per_round}"
+             " (a round of fewer devices is never unmasked), or more devices per round")
     if cfg.privacy.user.enabled:
         return
     _require(float(cfg.strategy.update_norm_bound) > 0, "strategy.update_norm_bound",
@@ -241,6 +244,7 @@ NUMBERS: tuple[tuple[str, bool, float, float, bool], ...] = (
     ("strategy.max_examples", True, 0, INF, True),
     ("aggregation.num_shares", False, 0, 1, False),
     ("aggregation.threshold", False, 0, 1, False),
+    ("aggregation.min_survivors", True, 3, INF, True),
     ("faults.share", False, 0, 1, True),
     ("tracking.samples_every", True, 0, INF, True),
     ("tracking.audit_delta", False, 0, 1, False),

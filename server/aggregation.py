@@ -46,10 +46,11 @@ class PlainAggregation:
 
 
 def make_aggregation(secure: bool, transport: Transport, release: Release,
-                     num_shares: float = 1.0, threshold: float = 0.5,
-                     log: Callable[[str], None] = print) -> Aggregation:
+                     num_shares: float = 1.0, threshold: float = 0.75,
+                     log: Callable[[str], None] = print,
+                     min_survivors: int = 3) -> Aggregation:
     if not secure:
         return PlainAggregation(transport, release)
     from server.secure_aggregation import SecureAggregation
 
-    return SecureAggregation(transport, release, num_shares, threshold, log)
+    return SecureAggregation(transport, release, num_shares, threshold, log, min_survivors)

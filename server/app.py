@@ -114,7 +114,8 @@ def run_experiment(grid: Grid, cfg: DictConfig, log: Callable[[str], None] = say
         noise=plan.noise, start_quorum=f.start_quorum, unavailable_after=f.unavailable_after,
         retry_after=f.retry_after, max_examples=spec.photos_max,
         secure=bool(cfg.aggregation.secure), num_shares=float(cfg.aggregation.num_shares),
-        threshold=float(cfg.aggregation.threshold), device=recipe.device)
+        threshold=float(cfg.aggregation.threshold),
+        min_survivors=int(cfg.aggregation.min_survivors), device=recipe.device)
     progress = Progress(f.rounds)
     recorder = RoundRecorder(cfg, logger, task, spec, personal_init, progress, log)
     if resume is not None:

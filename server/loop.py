@@ -88,7 +88,8 @@ class LoopSettings:
     max_examples: float = float("inf")  # most training photos a device can hold
     secure: bool = False  # aggregation.secure: SecAgg+, the server sees only the sum
     num_shares: float = 1.0  # aggregation.num_shares
-    threshold: float = 0.5  # aggregation.threshold
+    threshold: float = 0.75  # aggregation.threshold
+    min_survivors: int = 3  # aggregation.min_survivors
     device: str = "cpu"  # the `device` key: where the new-user check computes
 
 
@@ -136,7 +137,8 @@ class RoundLoop:
                                    self.progress.devices)
         # Steps 3 and 5, plain or secure (SecAgg+): the one place that chooses.
         self.aggregation = make_aggregation(settings.secure, self.transport, release,
-                                            settings.num_shares, settings.threshold, log)
+                                            settings.num_shares, settings.threshold, log,
+                                            settings.min_survivors)
 
     def run(self, shared: dict[str, torch.Tensor], resume: LoopState | None = None) -> LoopResult:
         """Round 0 (evaluation before fine-tuning) and rounds 1..R, or, from a

@@ -43,12 +43,14 @@ from server.transport import PULL_INTERVAL, Transport
 
 class SecureAggregation:
     def __init__(self, transport: Transport, release: Release, num_shares: float,
-                 threshold: float, log: Callable[[str], None] = print) -> None:
+                 threshold: float, log: Callable[[str], None] = print,
+                 min_survivors: int = S.MIN_SURVIVORS) -> None:
         if release.secure_clip() <= 0:
             raise ValueError("secure aggregation needs a bound on each update: user-level "
                              "DP's clip, or strategy.update_norm_bound")
         self.transport, self._release, self.log = transport, release, log
         self.num_shares, self.threshold = num_shares, threshold
+        self.min_survivors = min_survivors
         self.bytes_received = 0  # of every protocol reply (measured by the benchmark)
 
     # --- step 3 -----------------------------------------------------------------
@@ -57,8 +59,9 @@ class SecureAggregation:
         self.devices, self.rejected, self.why_abandoned = dict(devices), {}, ""
         self.excused: dict[int, str] = {}
         self.round = None
-        if len(messages) < 2:
-            self.why_abandoned = f"{len(messages)} device sampled; secure aggregation needs 2"
+        if len(messages) < self.min_survivors:
+            self.why_abandoned = (f"{len(messages)} devices sampled, fewer than "
+                                  f"aggregation.min_survivors={self.min_survivors}")
             self.excused = dict.fromkeys(devices.values(), self.why_abandoned)
             return []
         shared = messages[0].content[P.ARRAYS].to_torch_state_dict()
@@ -67,7 +70,8 @@ class SecureAggregation:
         params = S.Params(round=rnd, cohort=len(messages), num_shares=s, threshold=t,
                           clip=self._release.secure_clip(),
                           target_range=S.target_range(len(messages)), keys=tuple(keys),
-                          sizes=tuple(int(shared[k].numel()) for k in keys))
+                          sizes=tuple(int(shared[k].numel()) for k in keys),
+                          min_survivors=self.min_survivors)
         if params.problems():  # devices would refuse them: say so here, once
             raise ValueError(f"secure aggregation cannot run round {rnd}: {params.problems()}")
         self.round = r = Round(params, [int(m.metadata.dst_node_id) for m in messages])
@@ -112,7 +116,10 @@ class SecureAggregation:
                     self.rejected[device] = f"malformed reply ({err})"
             self._check(r.short_of_threshold(r.masked, r.shared))
             self._stage(rnd, S.UNMASK, sorted(r.masked), r.unmask_request, r.accept_shares)
-            total, count = r.unmasked_sum()
+            try:
+                total, count = r.unmasked_sum()
+            finally:
+                self._reject_bad_shares(rnd, r)
         except Abandoned as err:
             return self._abandon(rnd, shared, str(err))
         summed = SecureSum({k: torch.from_numpy(v).reshape(shared[k].shape)
@@ -121,6 +128,16 @@ class SecureAggregation:
         released = self._release.release_sum(rnd, shared, summed)
         return Released(released.state, released.metrics | self._metrics(),
                         released.accepted, self.rejected)
+
+    def _reject_bad_shares(self, rnd: int, r: Round) -> None:
+        """Devices whose unmasking shares disagree with the secret the others rebuild
+        are rejected like any malformed reply, and named in the log (the operator
+        can leave them out)."""
+        for node, why in sorted(r.bad_shares.items()):
+            device = self.devices[node]
+            self.rejected[device] = f"malformed reply ({why})"
+            self.log(f"round {rnd}: device {device} sent bad unmasking shares, rejected: "
+                     f"{why}")
 
     def _abandon(self, rnd: int, shared, why: str) -> Released:
         """Nothing is released or counted as released; the round is logged and counted."""

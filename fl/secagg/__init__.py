@@ -15,6 +15,11 @@ itself, pure (no Grid, no ClientApp), so it is tested without Flower:
 * ``fl.secagg.server``: the server's bookkeeping (neighbours, routing, sums,
   reconstruction), with the typed validation of every device reply.
 
+Trust: an honest-but-curious server only. Devices cannot authenticate each
+other's keys (no PKI) and there is no consistency-check round, so a server that
+substitutes public keys or sends split survivor views reads one device's update
+(``fl.secagg.device``, docs/privacy.md).
+
 The Flower glue is ``server.secure_aggregation`` (stages over the Grid) and
 ``clients.secagg`` (the ClientApp's handlers).
 """

@@ -13,7 +13,22 @@ clear. It checks every request against what it already knows, and refuses
   sender or recipient (Fernet authenticates it, the plaintext names both ends);
 * an unmask request that calls this device dead, names a device as both alive and
   dead, names devices it holds no share of, or has fewer survivors than the
-  threshold: answering it could hand the server both secrets of one device.
+  threshold or than the round's minimum of survivors (``Params.min_survivors``, at
+  least ``MIN_SURVIVORS``): answering it could hand the server both secrets of one
+  device, or unmask a sum of too few devices.
+
+What these checks do not stop: they protect against an honest-but-curious server
+(one that follows the protocol) and catch accidents, not a server that deviates.
+A device cannot authenticate its neighbours' public keys (there is no PKI of device
+keys; Flower 1.41 gives devices no way to verify other nodes' keys), so a server
+that substitutes its own keys receives the device's shares; and each device sees
+only its own unmask request (there is no consistency-check round), so a server
+that forwards a device only some shares and gives different devices different
+survivor lists rebuilds that device's seed and its partners' keys (split views).
+Both recover one device's update with no colluding device. A threshold of about
+2/3 of the shares or more stops the split views a search found (a search result,
+not a proof: the default is 3/4); only Bell et al.'s consistency check with
+signatures over a PKI of device keys closes both. docs/privacy.md says more.
 """
 
 from __future__ import annotations
@@ -216,6 +231,9 @@ def unmask(session: Session, active: list[int], dead: list[int]) -> dict:
     if len(active) < p.threshold:
         raise Refused(f"unmask: {len(active)} survivors, fewer than the threshold "
                       f"{p.threshold}")
+    if len(active) < max(p.min_survivors, S.MIN_SURVIVORS):
+        raise Refused(f"unmask: {len(active)} survivors, fewer than the minimum of "
+                      f"{max(p.min_survivors, S.MIN_SURVIVORS)} whose sum may be unmasked")
     where = {node: i for i, node in enumerate(session.holders)}
     session.stage = S.UNMASK  # one answer per round
     return {S.STAGE: S.UNMASK, S.OWNERS: [*active, *dead],

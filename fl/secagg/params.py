@@ -48,6 +48,10 @@ SEED_HASH = "seed-hash"  # share_keys reply: SHA-256 of the self-mask seed (a co
 MOD_BITS = 32
 MOD_RANGE = 2**MOD_BITS  # Flower's default modulus_range
 MAX_COHORT = 2**20
+# The fewest devices whose sum a device helps unmask, whatever the server says: with
+# two, each member of the sum (or anyone who sees an un-noised model) learns the
+# other's update as the sum minus its own.
+MIN_SURVIVORS = 3
 
 
 def target_range(cohort: int) -> int:
@@ -67,6 +71,7 @@ class Params:
     target_range: int  # quantization levels T over [-C, C]
     keys: tuple[str, ...]  # names of the arrays summed, in order
     sizes: tuple[int, ...]  # their element counts
+    min_survivors: int = MIN_SURVIVORS  # fewest devices whose sum is unmasked
     mod_range: int = MOD_RANGE
 
     @property
@@ -86,6 +91,10 @@ class Params:
         if not self.num_shares // 2 + 1 <= self.threshold <= self.num_shares:
             return (f"threshold {self.threshold} is not a majority of the "
                     f"{self.num_shares} shares")
+        if not MIN_SURVIVORS <= self.min_survivors <= self.num_shares:
+            return (f"min_survivors {self.min_survivors} outside {MIN_SURVIVORS}.."
+                    f"{self.num_shares} (the shares): a sum of fewer devices could be "
+                    "unmasked")
         if self.mod_range != MOD_RANGE or self.target_range != target_range(self.cohort):
             return (f"quantization T={self.target_range}, M={self.mod_range} differ from "
                     f"T={target_range(self.cohort)}, M={MOD_RANGE} for this cohort")

@@ -4,8 +4,9 @@ The server holds only public keys, ciphertexts it cannot read, masked vectors an
 at the end, the shares that remove the masks of the *sum*: for each surviving
 device the shares of its self-mask seed, for each device that dropped after
 sharing its keys the shares of its pairwise-mask key. Never both for one device,
-which is what keeps a single masked vector unreadable (an honest device refuses an
-unmask request that would give both; ``fl.secagg.device``).
+which is what keeps a single masked vector unreadable while this server follows
+the protocol (an honest device refuses one unmask request that would give both;
+it cannot stop a server that deviates: ``fl.secagg.device`` says how).
 
 Every device reply is checked here (``MalformedReply``, the reason is recorded
 like any rejected reply): the stage it answers, the types, counts and sizes of its
@@ -35,7 +36,7 @@ from fl.secagg import params as S
 from fl.secagg.quantize import decode_sum, sum_bound
 
 MAX_CIPHERTEXT = 4096  # bytes: a Fernet token of two shares is about 600
-RECONSTRUCTION_TRIES = 32  # subsets of shares tried when a device sent a bad share
+RECONSTRUCTION_TRIES = 64  # subsets of shares tried when devices sent bad shares
 
 
 class Abandoned(RuntimeError):
@@ -72,6 +73,7 @@ class Round:
         self.total = np.zeros(params.dimension, dtype=np.int64)
         self.shares: dict[int, dict[int, bytes]] = {}  # owner -> holder -> share
         self.asked: dict[int, tuple[list[int], list[int]]] = {}
+        self.bad_shares: dict[int, str] = {}  # holder -> why its unmask reply is rejected
 
     # --- requests -------------------------------------------------------------
     def setup_request(self) -> dict:
@@ -168,31 +170,46 @@ class Round:
         if short:
             return (f"{len(short)} devices have fewer than the threshold of {t} surviving "
                     f"neighbours ({len(live)} of {len(self.nodes)} devices left)")
+        if len(live) < self.params.min_survivors:
+            return (f"{len(live)} of {len(self.nodes)} devices left, fewer than "
+                    f"aggregation.min_survivors={self.params.min_survivors}")
         return ""
 
     def _rebuild(self, owner: int, check) -> bytes:
-        shares = [self.shares.get(owner, {})[h] for h in sorted(self.shares.get(owner, {}))]
+        """The owner's secret from the threshold of its shares, checked by ``check``
+        (its commitment). Bad shares of the right length are found, not just
+        outvoted: subsets leaving out first one holder, then two, ... (so a bad
+        share from any one holder is always passed by), and once a subset rebuilds
+        the secret, every other holder's share is tested against it
+        (``bad_shares``: the holders whose share disagrees, rejected by the caller)."""
+        held = self.shares.get(owner, {})
+        # Holders already caught sending a bad share are tried last.
+        holders = sorted(held, key=lambda h: (h in self.bad_shares, h))
         t = self.params.threshold
-        if len(shares) < t:
-            raise Abandoned(f"only {len(shares)} shares of a device's secret came back, "
-                            f"the threshold is {t}")
-        for subset in itertools.islice(itertools.combinations(shares, t),
-                                       RECONSTRUCTION_TRIES):
-            try:
-                secret = combine_shares(list(subset))
-            except Exception:  # noqa: BLE001 - a bad share: try another subset
-                secret = None
-            if secret is not None and check(secret):
-                return secret
-        raise Abandoned("a device's secret does not rebuild from its shares "
-                        "(bad shares were sent)")
+        if len(holders) < t:
+            raise Abandoned(f"only {len(holders)} shares of node {owner}'s secret came "
+                            f"back, the threshold is {t}")
+        for subset in itertools.islice(_leave_out(holders, t), RECONSTRUCTION_TRIES):
+            secret = _combine([held[h] for h in subset])
+            if secret is None or not check(secret):
+                continue
+            base = [held[h] for h in subset[:t - 1]]
+            for holder in holders:
+                if holder not in subset and _combine([*base, held[holder]]) != secret:
+                    self.bad_shares.setdefault(holder, (
+                        f"unmask: its share of node {owner}'s secret disagrees with the "
+                        f"{t} shares that rebuild it"))
+            return secret
+        raise Abandoned(f"node {owner}'s secret does not rebuild from its shares "
+                        "(bad shares were sent, or it sent a wrong commitment)")
 
     def unmasked_sum(self) -> tuple[dict[str, np.ndarray], int]:
         """The float sum of the survivors' clipped updates (by array name) and their
         number. Raises ``Abandoned`` if it cannot be had."""
         p = self.params
-        if not self.masked:
-            raise Abandoned("no device sent a masked update")
+        if len(self.masked) < p.min_survivors:
+            raise Abandoned(f"{len(self.masked)} devices sent a masked update, fewer than "
+                            f"aggregation.min_survivors={p.min_survivors}")
         total = self.total.copy()
         for owner in sorted(self.masked):
             seed = self._rebuild(owner, lambda s, o=owner:
@@ -216,6 +233,25 @@ class Round:
             out[key] = flat[start:start + size]
             start += size
         return out, count
+
+
+def _leave_out(holders: list[int], t: int):
+    """t-subsets of ``holders`` (in order), each once: the first t, then those leaving
+    out one of the first t + 1, then two of the first t + 2, ..."""
+    seen = set()
+    for k in range(len(holders) - t + 1):
+        for out in itertools.combinations(range(t + k), k):
+            subset = tuple(h for i, h in enumerate(holders[:t + k]) if i not in out)
+            if subset not in seen:
+                seen.add(subset)
+                yield subset
+
+
+def _combine(shares: list[bytes]) -> bytes | None:
+    try:
+        return combine_shares(shares)
+    except Exception:  # noqa: BLE001 - a bad share (pycryptodome's or unpad's error)
+        return None
 
 
 def _matches(secret: bytes, public: bytes) -> bool:

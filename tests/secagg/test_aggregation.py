@@ -158,3 +158,19 @@ def test_a_device_that_refuses_the_parameters_says_why():
     agg._stage(1, S.SETUP, NODES, lambda n: r.setup_request(), r.accept_keys)
     assert all("refused (setup parameters refused: threshold 2 is not a majority"
                in why for why in agg.rejected.values()) and len(agg.rejected) == 5
+
+
+def test_a_device_sending_bad_unmasking_shares_is_rejected_named_and_the_round_released():
+    """Device 9 returns garbage of the right length for every share at unmask: the
+    others rebuild each secret, its shares disagree with it, and it is rejected like
+    a malformed reply and named in the log; the round's sum is still released."""
+    garbage = _tampered_record(S.UNMASK, lambda r: r | {
+        S.SHARES: [s[:4] + bytes(len(s) - 4) for s in r[S.SHARES]]})
+    updates = _updates(seed=4)
+    released, logged, _ = _round(FakeFleet(updates, tamper=garbage),
+                                 PlainRelease(None, norm_bound=10.0))
+    assert "malformed reply (unmask: its share of node" in released.rejected[9]
+    assert len(logged) == 1 and "device 9 sent bad unmasking shares" in logged[0]
+    assert released.metrics[K.SECAGG_ABANDONED] == 0
+    mean = sum(u["decoder.w"] for u in updates.values()) / len(updates)
+    assert torch.allclose(released.state["decoder.w"], mean, atol=1e-5)

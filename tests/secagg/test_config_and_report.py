@@ -26,6 +26,25 @@ def test_secure_aggregation_needs_a_bound_and_a_mean():
         validate(compose(["aggregation.secure=true", "aggregation.threshold=1.5"]))
     with pytest.raises(ConfigError, match="aggregation.secure"):
         validate(compose(["aggregation.secure=yes"]))
+    # min_survivors: at least 3 (a sum of two reveals each update to the other), and
+    # no more than the devices of a round.
+    with pytest.raises(ConfigError, match="aggregation.min_survivors=2"):
+        validate(compose(["aggregation.secure=true", "aggregation.min_survivors=2"]))
+    with pytest.raises(ConfigError, match="at most fleet.devices_per_round=3"):
+        validate(compose(["aggregation.secure=true", "fleet.devices_per_round=3",
+                          "aggregation.min_survivors=4"]))
+
+
+def test_the_default_threshold_is_above_the_split_view_attacks_found():
+    """Default 3/4 of the shares: t=4 of 5, 6 of 8, 7 of 9, 8 of 10; the search
+    found attacks below 4/5, 5/7, 6/8, 7/9, 7/10 (docs/privacy.md)."""
+    from fl.secagg.params import share_counts
+
+    cfg = compose([])
+    assert cfg.aggregation.threshold == 0.75 and cfg.aggregation.min_survivors == 3
+    needed = {5: 4, 7: 5, 8: 6, 9: 7, 10: 7}
+    for n, t in needed.items():
+        assert share_counts(n, cfg.aggregation.num_shares, cfg.aggregation.threshold)[1] >= t
 
 
 def test_the_report_states_what_secure_aggregation_changes():
@@ -35,6 +54,9 @@ def test_the_report_states_what_secure_aggregation_changes():
     assert plain["trust_assumptions"][0].startswith("No secure aggregation")
     text = secure["trust_assumptions"][0]
     assert "holds no individual update in the clear" in text
+    assert "honest-but-curious server" in text and "consistency check" in text
+    assert "substituting its own public keys" in text and "survivor lists" in text
+    assert "PKI of device keys" in text
     assert "trusted to add the user-level noise" in text and "sample devices" in text
     assert "hostile device can send any field element" in text
     assert text in to_markdown(secure)
