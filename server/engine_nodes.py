@@ -35,6 +35,7 @@ class EngineNodes:
         self.hooked = hooked  # False: this Flower has no hook; nobody will record
         self._mapping: dict[int, int] = {}
         self._ready = threading.Event()
+        self.pumping = threading.Event()  # the engine's workers are up, messages flow
 
     def record(self, mapping: dict[int, int]) -> None:
         self._mapping = dict(mapping)
@@ -44,6 +45,9 @@ class EngineNodes:
         """The mapping (a copy), or None if it is not known within ``timeout``."""
         if not self.hooked or not self._ready.wait(timeout):
             return None
+        # The roll call's first message used to wait (60 s) for Ray's workers to
+        # come up; without it, wait here, so no round's timeout pays for it.
+        self.pumping.wait(timeout)
         return dict(self._mapping)
 
 
@@ -69,11 +73,23 @@ def recording_engine_nodes() -> Iterator[EngineNodes]:
         nodes.record(mapping)
         return mapping
 
+    pump = getattr(vce_api, "add_messages_to_queue", None)
+
+    def pumping(*args, **kwargs):  # started once the backend's workers are built
+        nodes.pumping.set()
+        return pump(*args, **kwargs)
+
     vce_api._register_nodes = registering
+    if pump is None:
+        nodes.pumping.set()
+    else:
+        vce_api.add_messages_to_queue = pumping
     try:
         yield nodes
     finally:
         vce_api._register_nodes = register
+        if pump is not None:
+            vce_api.add_messages_to_queue = pump
         _ONE_AT_A_TIME.release()
 
 
