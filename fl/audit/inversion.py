@@ -5,9 +5,15 @@ configured in JonasGeiping/breaching's ``attack/invertinggradients.yaml``: the
 attacker optimises dummy photos so that the gradient they induce at the weights
 the server sent points the same way as the observed update (cosine loss, since
 the update's scale is the learning rate's and the step count's), plus total
-variation (images are smooth), with Adam on the *signed* gradient, pixels boxed
-to [0, 1]. breaching runs 24,000 iterations on ImageNet; fedface's 32x32 photos
-and a small decoder head need a few hundred.
+variation (images are smooth), with Adam, pixels boxed to [0, 1]. breaching runs
+24,000 iterations of signed Adam from noise; an audit affords a few hundred, so
+fedface's attacker also uses what it has for free: it starts from the mean public
+face (``BREACHING`` keeps the reference settings, ``reconstruct`` takes them).
+
+What the update carries decides the rest: on the default config devices send only
+the decoder's last convolutions, whose gradients sum over pixel positions, and the
+attack does not beat the mean face even without DP; with the whole shared model
+trained on one photo it recovers the photo (tests/audit/test_inversion.py).
 
 What the attacker sees decides what it can do:
 
