@@ -134,7 +134,7 @@ class RoundLoop:
         self.sampler = CohortSampler(settings.sampling, settings.devices_per_round,
                                      settings.num_devices, sampling_seed)
         self.transport = Transport(grid, ArrayRecord(personal_init), settings.round_timeout,
-                                   self.progress.devices)
+                                   self.progress.devices, first_timeout=ROLL_CALL_TIMEOUT)
         # Steps 3 and 5, plain or secure (SecAgg+): the one place that chooses.
         self.aggregation = make_aggregation(settings.secure, self.transport, release,
                                             settings.num_shares, settings.threshold, log,

@@ -37,9 +37,14 @@ class Transport:
     """Sends every message with the public initial personal part attached."""
 
     def __init__(self, grid: Grid, personal_init: ArrayRecord, timeout: float,
-                 on_reply: Callable[[str, int, int], None]) -> None:
+                 on_reply: Callable[[str, int, int], None],
+                 first_timeout: float | None = None) -> None:
         self.grid, self.personal_init, self.timeout = grid, personal_init, timeout
         self.on_reply = on_reply  # (step, replies so far, messages sent)
+        # A session's first exchange also starts the devices' ClientApps (in
+        # simulation: Ray workers importing torch and Opacus; no roll call warms them
+        # up there, see server.roll_call): it gets this much time, if longer.
+        self.first_timeout = first_timeout
 
     def send(self, messages: Iterable[Message], step: str) -> list[Message]:
         """Push the messages, then pull replies until all came or the timeout passed."""
@@ -48,7 +53,8 @@ class Transport:
             message.content[P.PERSONAL_INIT] = self.personal_init
         waiting = set(self.grid.push_messages(messages))
         total, replies = len(waiting), []
-        deadline = time.time() + self.timeout
+        timeout, self.first_timeout = max(self.timeout, self.first_timeout or 0.0), None
+        deadline = time.time() + timeout
         while waiting and time.time() < deadline:
             got = list(self.grid.pull_messages(waiting))
             replies += got

@@ -43,3 +43,10 @@ def pytest_configure(config):
     # chdir to temp folders, so point every test (and its Ray workers) at the
     # checkout's cache: it is trained once per machine, as for `make run`.
     os.environ.setdefault("FEDFACE_CACHE", str(Path(__file__).parent.parent / ".fedface-cache"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """End-to-end runs first (a stable sort keeps their order): with ``make test``'s
+    two workers (pytest-xdist), the long ones start early and the short ones fill the
+    gaps, instead of one worker finishing a deployment alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
