@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fl.audit.inversion import train_only
 from fl.data.device_data import DeviceData
 from fl.privacy.plan import opacus_batches
 
@@ -133,13 +134,7 @@ def unit_gradient(task, model: nn.Module, batch: tuple[torch.Tensor, ...],
     """Minus the gradient of the device loss on one photo w.r.t. ``keys`` (the
     device-trained shared weights), flattened in sorted key order and scaled to
     unit norm: the direction one SGD step on that photo moves the update."""
-    params = dict(model.named_parameters())
-    wanted = [params[k] for k in sorted(keys)]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in wanted:
-        p.requires_grad_(True)
-    model.eval()
+    wanted = train_only(model, keys)
     loss = task.device_loss(model, *batch)
     grads = torch.autograd.grad(loss, wanted)
     flat = -torch.cat([g.reshape(-1) for g in grads]).to(torch.float64).numpy()

@@ -70,6 +70,20 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
+def train_only(model: nn.Module, keys: Sequence[str]) -> list[nn.Parameter]:
+    """Put ``model`` in eval mode with gradients on for ``keys`` only (the weights the
+    device trains and sends, which is all the attacker's gradient can be about);
+    returns those parameters in sorted key order, the order updates are flattened in."""
+    params = dict(model.named_parameters())
+    wanted = [params[k] for k in sorted(keys)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in wanted:
+        p.requires_grad_(True)
+    model.eval()
+    return wanted
+
+
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -82,13 +96,7 @@ def reconstruct(task, model: nn.Module, keys: Sequence[str],
     """``images`` dummy photos whose device-loss gradient w.r.t. ``keys`` at the
     model's current weights best matches minus ``update`` in direction, starting
     from uniform noise or from ``start`` (e.g. the mean public face) plus noise."""
-    params = dict(model.named_parameters())
-    wanted = [params[k] for k in sorted(keys)]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in wanted:
-        p.requires_grad_(True)
-    model.eval()
+    wanted = train_only(model, keys)
     target = -_flat([update[k].detach().float() for k in sorted(keys)])
     target = target / target.norm().clamp_min(1e-12)
     generator = torch.Generator().manual_seed(seed)
