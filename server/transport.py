@@ -43,7 +43,7 @@ class Transport:
         self.on_reply = on_reply  # (step, replies so far, messages sent)
         # A session's first exchange also starts the devices' ClientApps (in
         # simulation: Ray workers importing torch and Opacus; no roll call warms them
-        # up there, see server.roll_call): it gets this much time, if longer.
+        # up there, see server.roll_call): until its first reply it may take this long.
         self.first_timeout = first_timeout
 
     def send(self, messages: Iterable[Message], step: str) -> list[Message]:
@@ -53,10 +53,16 @@ class Transport:
             message.content[P.PERSONAL_INIT] = self.personal_init
         waiting = set(self.grid.push_messages(messages))
         total, replies = len(waiting), []
-        timeout, self.first_timeout = max(self.timeout, self.first_timeout or 0.0), None
-        deadline = time.time() + timeout
+        # The session's first exchange may wait up to ``first_timeout`` for its first
+        # reply (the ClientApps are starting, not late); from that reply on, the others
+        # get ``timeout`` as usual.
+        start, cold_start = time.time(), self.first_timeout or 0.0
+        self.first_timeout = None
+        deadline = start + max(self.timeout, cold_start)
         while waiting and time.time() < deadline:
             got = list(self.grid.pull_messages(waiting))
+            if got and not replies:
+                deadline = min(deadline, max(start, time.time()) + self.timeout)
             replies += got
             waiting -= {reply.metadata.reply_to_message_id for reply in got}
             if got:
