@@ -125,32 +125,29 @@ def face_metrics(prefix: str, net: AttributeNet, outputs: torch.Tensor,
 def swap_face_metrics(swapped: torch.Tensor, truth: torch.Tensor,
                       attrs: Sequence[Attributes], seed: int) -> dict[str, float]:
     """Swap metrics of the model and of the blur baseline (device-side names)."""
-    from fl.metrics import psnr
-
-    swapped, truth = _on_cpu(swapped), _on_cpu(truth)
-    net = attribute_net(truth.shape[-1])
-    distractors = distractor_references(net, seed, attrs, truth.shape[-1])
-    blurred = blur(truth, SWAP_BLUR_SIGMA)
-    model = face_metrics("swap", net, swapped, truth, attrs, POSE_NAMES, distractors,
-                         "pose_error")
-    baseline = face_metrics("swap", net, blurred, truth, attrs, POSE_NAMES, distractors,
-                            "pose_error")
-    return model | {f"{k}_baseline_blur": v for k, v in baseline.items()} | {
-        "swap_psnr_baseline_blur": psnr(blurred, truth)}
+    return _beside_blur("swap", swapped, truth, attrs, POSE_NAMES, "pose_error",
+                        SWAP_BLUR_SIGMA, seed)
 
 
 def portrait_face_metrics(portraits: torch.Tensor, truth: torch.Tensor,
                           attrs: Sequence[Attributes], seed: int) -> dict[str, float]:
     """Portrait metrics of the model and of the blur baseline (device-side names)."""
+    return _beside_blur("portrait", portraits, truth, attrs, CONTROL_NAMES, "control_error",
+                        PORTRAIT_BLUR_SIGMA, seed)
+
+
+def _beside_blur(prefix: str, outputs: torch.Tensor, truth: torch.Tensor,
+                 attrs: Sequence[Attributes], names: Sequence[str], error_name: str,
+                 sigma: float, seed: int) -> dict[str, float]:
+    """``face_metrics`` of ``outputs`` and of the ground truth blurred by ``sigma``
+    (``*_baseline_blur``, with the blur's PSNR), against the same distractors."""
     from fl.metrics import psnr
 
-    portraits, truth = _on_cpu(portraits), _on_cpu(truth)
+    outputs, truth = _on_cpu(outputs), _on_cpu(truth)
     net = attribute_net(truth.shape[-1])
     distractors = distractor_references(net, seed, attrs, truth.shape[-1])
-    blurred = blur(truth, PORTRAIT_BLUR_SIGMA)
-    model = face_metrics("portrait", net, portraits, truth, attrs, CONTROL_NAMES,
-                         distractors, "control_error")
-    baseline = face_metrics("portrait", net, blurred, truth, attrs, CONTROL_NAMES,
-                            distractors, "control_error")
+    blurred = blur(truth, sigma)
+    model = face_metrics(prefix, net, outputs, truth, attrs, names, distractors, error_name)
+    baseline = face_metrics(prefix, net, blurred, truth, attrs, names, distractors, error_name)
     return model | {f"{k}_baseline_blur": v for k, v in baseline.items()} | {
-        "portrait_psnr_baseline_blur": psnr(blurred, truth)}
+        f"{prefix}_psnr_baseline_blur": psnr(blurred, truth)}

@@ -156,18 +156,18 @@ class Release(ABC):
         self.released += 1
         return Released(state, metrics | self.metrics(), list(summed.nodes), {})
 
+    @abstractmethod
     def secure_clip(self) -> float:
-        """The L2 bound each device clips its update to before masking (0: this
-        release cannot publish from a sum)."""
-        return 0.0
+        """The L2 bound each device clips its update to before masking."""
 
     def secure_keys(self, shared: dict[str, torch.Tensor]) -> list[str]:
         """The arrays a secure aggregate sums (those devices train)."""
         return [k for k in shared if shared[k].is_floating_point()]
 
+    @abstractmethod
     def _publish_sum(self, rnd: int, shared: dict[str, torch.Tensor], summed: SecureSum
                      ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        raise NotImplementedError(f"{type(self).__name__} cannot publish a secure sum")
+        """``_publish`` from the secure aggregate of updates the devices clipped."""
 
     @abstractmethod
     def _publish(self, rnd: int, shared: dict[str, torch.Tensor],

@@ -131,14 +131,13 @@ class Task(ABC):
     def personal_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v for k, v in model.state_dict().items() if self.is_personal(k)}
 
+    @abstractmethod
     def pretrain_loss_on_photos(self, model: nn.Module, photos: torch.Tensor,
                                 identity: torch.Tensor, conditions: torch.Tensor | None,
                                 generator: torch.Generator) -> torch.Tensor:
         """Self-supervised loss of one batch of *real* photos (``fl.pretrain_data``):
         redraw each photo with its identity's embedding ``identity`` (B, personal_dim)
         from what a real photo offers (its scrambled frame, or ``conditions``)."""
-        raise NotImplementedError(f"task {self.name} cannot pretrain on real photos; "
-                                  "use pretrain.data=synthfaces")
 
     def fit_personal(self, model: nn.Module, tensors: tuple[torch.Tensor, ...], steps: int,
                      lr: float = 0.05, batch_size: int = 16, seed: int = 0) -> None:
