@@ -1,36 +1,44 @@
-"""Secure aggregation's cost: ``python -m experiments.bench secagg`` (protocol
-overhead and bytes at 10 and 100 devices per round) and ``secagg_quality`` (a small
-experiment with and without ``aggregation.secure``).
+"""Secure aggregation's cost: ``python -m experiments.bench secagg`` (the round's
+overhead against plain aggregation and the bytes per device, at 10 and 100 devices
+per round) and ``secagg_quality`` (the default experiment with and without
+``aggregation.secure``).
 
-Overhead is measured in one process over the real code paths (the server's stages
-of ``server.secure_aggregation`` and the device handlers of ``clients.secagg``,
-with real keys, shares, masks and Flower messages; a stand-in for DP-SGD), with
-the default task's device-trained arrays. A round's added cost splits into the
-server's work and each device's; in a simulation on one machine the devices'
-work is serialized over its cores, so the table also gives the round overhead on
-2 cores: server + n * device / 2. Bytes are Flower's serialized records (protobuf),
-request and reply of every stage, per device, against a plain training reply.
+``secagg``: one round in one process over the real code paths, secure and plain
+over the same devices and updates: the server's stages of
+``server.secure_aggregation`` (or ``server.aggregation.PlainAggregation``), the
+device handlers of ``clients.secagg`` with real keys, shares, masks and Flower
+messages (``experiments.bench.secagg_fleet``; a stand-in for DP-SGD, which costs
+the same either way), the default task's device-trained arrays and the shipped
+``aggregation.*`` and ``privacy.user.*`` defaults (DP-FedAvg release). CPU seconds
+(``process_time``), so other load on the machine does not inflate them. A round's
+cost splits into the server's work and each device's; in a simulation on one
+machine the devices' work is serialized over its cores, so the table also gives the
+round's added time on 2 cores: (server + n * device) secure minus plain, the
+devices' part over 2 cores. Bytes are Flower's serialized records (protobuf),
+request and reply of every stage, per device.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
+from experiments.bench.secagg_fleet import FakeFleet, reports, train_messages
 from fl import config as C
 from fl import protocol as P
-from fl.privacy.release import PlainRelease
+from fl.privacy.plan import user_plan
+from fl.privacy.release import make_release
 from fl.tasks import get_task
-from server.secure_aggregation import SecureAggregation
+from server.aggregation import make_aggregation
 from server.transport import Transport
 
 
-def _shared_weights() -> tuple[dict[str, torch.Tensor], list[str]]:
-    cfg = C.compose([])
+def _shared_weights(cfg) -> tuple[dict[str, torch.Tensor], list[str]]:
     task = get_task(C.task_params(cfg))
     shared = task.shared_state(task.build_model(int(cfg.data.image_size)))
     return shared, [k for k in shared if task.is_device_trained(k)]
@@ -60,55 +68,80 @@ class _Timed:
         return got
 
 
-def _one_round(cohort: int, num_shares: float, shared, keys) -> dict[str, float]:
+def _config(cohort: int, num_shares: float | None):
+    """The shipped defaults at this cohort (a fleet of 10 per device drawn)."""
+    overrides = [f"fleet.devices_per_round={cohort}", f"fleet.num_devices={10 * cohort}"]
+    if num_shares is not None:
+        overrides.append(f"aggregation.num_shares={num_shares}")
+    return C.compose(overrides)
+
+
+def _plain_reports(replies) -> dict:
+    out = {}
+    for device, (report, reply) in reports(replies).items():
+        arrays = reply.content[P.ARRAYS].to_torch_state_dict() if report.trained else None
+        out[device] = (SimpleNamespace(trained=report.trained, arrays=arrays, examples=1.0),
+                       reply)
+    return out
+
+
+def _one_round(cfg, secure: bool, shared, keys) -> dict[str, float]:
     from flwr.supercore.task_identity import TaskIdentity
 
-    from tests.secagg.fleet import FakeFleet, reports, train_messages
-
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
+    cohort = int(cfg.fleet.devices_per_round)
     g = torch.Generator().manual_seed(cohort)
     nodes = list(range(1000, 1000 + cohort))
     updates = {n: {k: torch.randn(shared[k].shape, generator=g) * 1e-3 for k in keys}
                for n in nodes}
     grid = _Timed(FakeFleet(updates))
-    agg = SecureAggregation(Transport(grid, ArrayRecord({}), 600.0, lambda *a: None),
-                            PlainRelease(None, norm_bound=1.0, is_device_trained=keys.__contains__),
-                            num_shares=num_shares, threshold=0.5, log=lambda line: None)
+    is_trained = keys.__contains__
+    release = make_release(user_plan(cfg), None, is_trained, str(cfg.privacy.noise),
+                           int(cfg.seed))
+    a = cfg.aggregation
+    agg = make_aggregation(secure, Transport(grid, ArrayRecord({}), 600.0, lambda *a: None),
+                           release, float(a.num_shares), float(a.threshold),
+                           lambda line: None, int(a.min_survivors))
     start = time.process_time()
     replies = agg.collect(1, train_messages(shared, nodes), {n: n for n in nodes})
-    released = agg.release(1, shared, reports(replies))
+    got = reports(replies) if secure else _plain_reports(replies)
+    released = agg.release(1, shared, got)
     total = time.process_time() - start
-    assert len(released.accepted) == cohort
-    plain = RecordDict({P.ARRAYS: ArrayRecord(shared)})
+    assert len(released.accepted) == cohort, released.rejected
     return {"server_s": total - grid.device_seconds,
             "device_s": grid.device_seconds / cohort,
             "bytes_per_device": grid.bytes / cohort,
-            "plain_bytes_per_device": 2 * _size(plain),  # the weights out and back
-            "shares": agg.round.params.num_shares}
+            "shares": agg.round.params.num_shares if secure else 0,
+            "threshold": agg.round.params.threshold if secure else 0}
 
 
-# (devices per round, aggregation.num_shares, repeats): the 100-device row once, on
-# SecAgg+'s sparse ring (a full graph at 100 devices did not finish in 20 minutes on
-# the shared 2-core machine: every device does 99 key agreements and masks, the
-# server rebuilds 100 secrets from 51 shares each in pure-Python GF(2^128)).
-ROWS = ((10, 1.0, 3), (100, 0.1, 1))
+# (devices per round, aggregation.num_shares or None for the default, repeats).
+# 100 devices twice: the default full graph (every device a neighbour of every
+# other) and SecAgg+'s sparse ring (num_shares=0.1: 10 neighbours).
+ROWS = ((10, None, 5), (30, None, 3), (100, 0.1, 3), (100, None, 1))
 
 
 def run(rows=ROWS) -> list[dict]:
     torch.set_num_threads(1)
-    shared, keys = _shared_weights()
-    d = sum(shared[k].numel() for k in keys)
     out = []
     for cohort, num_shares, times in rows:
-        runs = [_one_round(cohort, num_shares, shared, keys) for _ in range(times)]
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        cfg = _config(cohort, num_shares)
+        shared, keys = _shared_weights(cfg)
+        d = sum(shared[k].numel() for k in keys)
+        med = {}
+        for secure in (False, True):
+            runs = [_one_round(cfg, secure, shared, keys) for _ in range(times)]
+            med[secure] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        sec, plain = med[True], med[False]
+        cost = {s: m["server_s"] + cohort * m["device_s"] / 2 for s, m in med.items()}
         out.append({
             "devices_per_round": cohort, "summed_values": d,
-            "neighbours": int(med["shares"]),
-            "server_s": med["server_s"], "device_s": med["device_s"],
-            "overhead_2_cores_s": med["server_s"] + cohort * med["device_s"] / 2,
-            "kB_per_device": med["bytes_per_device"] / 1e3,
-            "plain_kB_per_device": med["plain_bytes_per_device"] / 1e3,
+            "neighbours": int(sec["shares"]), "threshold": int(sec["threshold"]),
+            "secure_server_s": sec["server_s"], "secure_device_s": sec["device_s"],
+            "plain_server_s": plain["server_s"], "plain_device_s": plain["device_s"],
+            "added_2_cores_s": cost[True] - cost[False],
+            "kB_per_device": sec["bytes_per_device"] / 1e3,
+            "plain_kB_per_device": plain["bytes_per_device"] / 1e3,
             "repeats": times})
         print(out[-1], flush=True)  # a long row is not lost if a later one is stopped
     return out

@@ -12,6 +12,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
+from experiments.bench.secagg_fleet import FakeFleet, reports, train_messages
 from fl.privacy.plan import UserPlan
 from fl.privacy.release import DeviceUpdate, DpFedAvgRelease, PlainRelease
 from fl.privacy.user_level import UserMechanism
@@ -20,7 +21,6 @@ from fl.secagg.quantize import device_clip, step
 from fl.tracking import keys as K
 from server.secure_aggregation import SecureAggregation
 from server.transport import Transport
-from tests.secagg.fleet import FakeFleet, reports, train_messages
 
 NODES = [5, 2**63 + 1, 77, 9, 31]
 SHARED = {"decoder.w": torch.zeros(6, 4), "decoder.b": torch.zeros(4),

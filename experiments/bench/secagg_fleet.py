@@ -1,4 +1,5 @@
-"""A fleet of SecAgg devices behind a fake Grid, in this process (no Ray): real
+"""A fleet of SecAgg devices behind a fake Grid, in this process (no Ray), for the
+benchmark (``experiments.bench.secagg``) and the tests (tests/secagg): real
 Flower ``Message`` and ``Context`` objects through the real handlers of
 ``clients.secagg``, with a stand-in for training (sent weights + a fixed update).
 
