@@ -132,6 +132,7 @@ def _validate_secure_aggregation(cfg: DictConfig) -> None:
     agg = cfg.get("aggregation") or {}
     secure = agg.get("secure", False)
     _require(isinstance(secure, bool), "aggregation.secure", secure, "true or false")
+    _validate_noise_at(cfg, secure)
     if not secure:
         return
     _require(cfg.fleet.devices_per_round >= 2, "aggregation.secure", secure,
@@ -148,6 +149,27 @@ def _validate_secure_aggregation(cfg: DictConfig) -> None:
              cfg.strategy.get("_target_"), "FedAvg with aggregation.secure=true and no "
              "privacy.user: the server sees only the sum, so it can take a mean, not a "
              "median or a trimmed mean")
+
+
+def _validate_noise_at(cfg: DictConfig, secure: bool) -> None:
+    """``privacy.user.noise_at=devices``: each device adds its share of the noise
+    before masking, so only a secure aggregate may be released, and the noise is the
+    real cohort's (no simulated one)."""
+    from fl.privacy.plan import DEVICES, NOISE_AT
+
+    u = cfg.privacy.user
+    noise_at = u.get("noise_at", "server")
+    _require(noise_at in NOISE_AT, "privacy.user.noise_at", noise_at, f"one of {list(NOISE_AT)}")
+    if noise_at != DEVICES:
+        return
+    _require(bool(u.enabled), "privacy.user.noise_at", noise_at,
+             "server without user-level DP (privacy.user.enabled=false adds no noise)")
+    _require(secure, "privacy.user.noise_at", noise_at,
+             "server, or set aggregation.secure=true: devices add their noise before "
+             "masking, and only secure aggregation sums it")
+    _require(not (u.simulated_population or u.simulated_cohort_size),
+             "privacy.user.noise_at", noise_at, "server with a simulated cohort "
+             "(privacy.user.simulated_*): devices' noise is the real cohort's")
 
 
 def _validate_faults(cfg: DictConfig) -> None:

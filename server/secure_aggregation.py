@@ -14,7 +14,10 @@
 validation, runs stage 4, ``unmask`` (seed shares of the survivors, key shares of
 the devices that dropped after sharing their keys), and hands only the decoded sum
 and its count to the release (``Release.release_sum``). The server never holds an
-update in the clear.
+update in the clear. Under ``privacy.user.noise_at=devices`` the parameters carry
+sigma, each device adds its share of the noise before masking, and the sum handed
+on carries the noise multiplier its survivors' noise delivers (never below sigma:
+a sum of fewer than the threshold is abandoned).
 
 Failures are handled where they happen: a device that errs, times out or sends a
 malformed reply at a stage (``fl.secagg.server`` checks every one) is out of the
@@ -26,6 +29,7 @@ it (0 for a round that finished), and the log says why.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -71,7 +75,8 @@ class SecureAggregation:
                           clip=self._release.secure_clip(),
                           target_range=S.target_range(len(messages)), keys=tuple(keys),
                           sizes=tuple(int(shared[k].numel()) for k in keys),
-                          min_survivors=self.min_survivors)
+                          min_survivors=self.min_survivors,
+                          noise_multiplier=self._release.device_noise_multiplier())
         if params.problems():  # devices would refuse them: say so here, once
             raise ValueError(f"secure aggregation cannot run round {rnd}: {params.problems()}")
         self.round = r = Round(params, [int(m.metadata.dst_node_id) for m in messages])
@@ -122,9 +127,12 @@ class SecureAggregation:
                 self._reject_bad_shares(rnd, r)
         except Abandoned as err:
             return self._abandon(rnd, shared, str(err))
+        p = r.params
         summed = SecureSum({k: torch.from_numpy(v).reshape(shared[k].shape)
                             for k, v in total.items()}, count,
-                           sorted(self.devices[n] for n in r.masked))
+                           sorted(self.devices[n] for n in r.masked),
+                           # each survivor added sigma C / sqrt(t): together sigma sqrt(m/t)
+                           p.noise_multiplier * math.sqrt(count / p.threshold))
         released = self._release.release_sum(rnd, shared, summed)
         return Released(released.state, released.metrics | self._metrics(),
                         released.accepted, self.rejected)

@@ -19,6 +19,12 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from fl.privacy.user_level import UserMechanism, calibrate
 
+# privacy.user.noise_at: who adds the user-level Gaussian noise. ``server``: to the
+# (unmasked) sum; ``devices``: each device its share before masking (needs
+# aggregation.secure; fl.secagg.noise).
+NOISE_AT = ("server", "devices")
+SERVER, DEVICES = NOISE_AT
+
 
 @dataclass(frozen=True)
 class PhotoPlan:
@@ -45,6 +51,7 @@ class UserPlan:
     rounds: int = 0
     fleet_population: int = 0  # N: fleet.num_devices
     fleet_cohort: int = 0  # k: fleet.devices_per_round
+    noise_at: str = "server"  # privacy.user.noise_at: server | devices (NOISE_AT)
 
     @property
     def simulated(self) -> bool:
@@ -175,7 +182,8 @@ def user_plan(cfg: DictConfig) -> UserPlan:
         budget = float(u.budget_epsilon or 0.0)
     return UserPlan(True, mechanism, budget,
                     float(target) if u.noise_multiplier is None else None, int(f.rounds),
-                    int(f.num_devices), int(f.devices_per_round))
+                    int(f.num_devices), int(f.devices_per_round),
+                    str(u.get("noise_at", SERVER)))
 
 
 def privacy_plan(cfg: DictConfig) -> PrivacyPlan:

@@ -43,7 +43,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from fl import protocol as P
 from fl.privacy import noise as N
 from fl.privacy.dp_fedavg import dp_fedavg, noised_sum
-from fl.privacy.plan import UserPlan
+from fl.privacy.plan import DEVICES, UserPlan
 from fl.tracking import keys as K
 
 
@@ -79,6 +79,9 @@ class SecureSum:
     total: dict[str, torch.Tensor]  # float64, by array name
     count: int  # updates in the sum
     nodes: list[int] = field(default_factory=list)  # their devices
+    # Under privacy.user.noise_at=devices: the noise multiplier the survivors' noise
+    # in ``total`` delivers, sigma * sqrt(count / t) (0: no noise added on devices).
+    noise_multiplier: float = 0.0
 
 
 def screen_update(arrays: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
@@ -163,6 +166,11 @@ class Release(ABC):
     def secure_keys(self, shared: dict[str, torch.Tensor]) -> list[str]:
         """The arrays a secure aggregate sums (those devices train)."""
         return [k for k in shared if shared[k].is_floating_point()]
+
+    def device_noise_multiplier(self) -> float:
+        """sigma when each device adds its share of the user-level noise before
+        masking (``privacy.user.noise_at=devices``); 0 when the server adds it."""
+        return 0.0
 
     @abstractmethod
     def _publish_sum(self, rnd: int, shared: dict[str, torch.Tensor], summed: SecureSum
@@ -291,8 +299,13 @@ class DpFedAvgRelease(Release):
         self.is_device_trained = is_device_trained
         self.k = int(plan.fleet_cohort)  # the fixed, public divisor
         self.noise_mode, self.seed = N.check_mode(noise_mode), int(seed)
+        if plan.noise_at == DEVICES and plan.simulated:
+            raise ValueError("privacy.user.noise_at=devices cannot simulate a cohort")
 
     def _publish(self, rnd, shared, accepted):
+        if self.plan.noise_at == DEVICES:
+            raise ValueError("privacy.user.noise_at=devices releases only from a secure "
+                             "aggregate (aggregation.secure=true)")
         m = self.mechanism
         keys = [k for k in shared if self.is_device_trained(k)]
         aggregate = dp_fedavg(
@@ -308,12 +321,27 @@ class DpFedAvgRelease(Release):
     def secure_keys(self, shared):
         return [k for k in shared if self.is_device_trained(k)]
 
+    def device_noise_multiplier(self) -> float:
+        return float(self.mechanism.noise_multiplier) if self.plan.noise_at == DEVICES else 0.0
+
     def _publish_sum(self, rnd, shared, summed):
         """The same release as ``_publish`` from the sum of updates each device
         clipped to C: the same noise, the same fixed divisor. No clip fraction: the
-        server sees no individual norm."""
+        server sees no individual norm. Under ``noise_at=devices`` the noise is
+        already in the sum (the survivors'); it must deliver at least the accounted
+        sigma, or nothing is released."""
         m = self.mechanism
         keys = self.secure_keys(shared)
+        if self.plan.noise_at == DEVICES:
+            if summed.noise_multiplier < m.noise_multiplier * (1 - 1e-9):
+                raise ValueError(f"round {rnd}'s sum carries noise of multiplier "
+                                 f"{summed.noise_multiplier:.4g}, below the accounted "
+                                 f"{m.noise_multiplier:.4g}; nothing was released")
+            state = dict(shared)
+            for k in keys:
+                mean = summed.total[k].to(torch.float64) / self.k
+                state[k] = (shared[k].to(torch.float64) + mean).to(shared[k].dtype)
+            return state, {K.USER_NOISE_DELIVERED: summed.noise_multiplier}
         state = noised_sum(shared, summed.total, keys, clip=m.clip,
                            noise_multiplier=m.noise_multiplier, denominator=self.k,
                            generator=N.generator(self.noise_mode, self.seed, rnd),

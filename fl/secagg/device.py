@@ -57,8 +57,9 @@ from flwr.supercore.primitives.asymmetric import (
 )
 
 from fl.secagg import masks
+from fl.secagg import noise as device_noise
 from fl.secagg import params as S
-from fl.secagg.quantize import clip_and_quantize
+from fl.secagg.quantize import clip_and_quantize, quantize_noise
 
 
 class Refused(ValueError):
@@ -197,16 +198,21 @@ def receive_shares(session: Session, sources: list[int], ciphertexts: list[bytes
 
 
 def mask(session: Session, delta: np.ndarray | None) -> np.ndarray | None:
-    """Stage 2, after training: the clipped, quantized update plus the self mask and
-    the pairwise masks, mod M (None: this device has no update this round)."""
+    """Stage 2, after training: the clipped, quantized update (plus, under
+    distributed noise, this device's share of the Gaussian noise, from the OS's
+    CSPRNG: ``fl.secagg.noise``) plus the self mask and the pairwise masks, mod M
+    (None: this device has no update this round)."""
     if session.stage != S.TRAIN:
         raise Refused("masking before the shares arrived")
     if delta is None:
         return None
     p = session.params
-    total = clip_and_quantize(delta, p.clip, p.target_range)
+    total = clip_and_quantize(delta, p.clip, p.target_range, p.quantization_range)
     if total.size != p.dimension:
         raise Refused(f"update of {total.size} values, expected {p.dimension}")
+    if p.noise_multiplier > 0:
+        total = total + quantize_noise(device_noise.gaussian(p.dimension, p.device_noise_std),
+                                       p.clip, p.target_range, p.quantization_range)
     total = total + masks.stream(session.seed, p.dimension)
     for partner in session.partners:
         their_pk1 = session.neighbour_pk1[session.neighbours.index(partner)]

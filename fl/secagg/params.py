@@ -12,6 +12,13 @@ quantized to T = 2**(31 - ceil(log2 n)) levels over [-C, C] per coordinate, so
 n * T <= 2**31 = M / 2: the honest sum never wraps, and a decoded coordinate
 above n * T shows that some device sent a value no honest device can
 (``fl.secagg.server``).
+
+With distributed noise (``privacy.user.noise_at=devices``, ``noise_multiplier`` > 0)
+each device also adds its share of the Gaussian noise, std sigma C / sqrt(t) with t
+the threshold (the fewest devices a sum that is unmasked can hold), truncated at
+``NOISE_TAIL`` standard deviations; the quantization range widens from [-C, C] to
+[-R, R] with R = C + NOISE_TAIL * sigma C / sqrt(t) (``quantization_range``), so a
+noised coordinate still lands in 0..T.
 """
 
 from __future__ import annotations
@@ -52,6 +59,10 @@ MAX_COHORT = 2**20
 # two, each member of the sum (or anyone who sees an un-noised model) learns the
 # other's update as the sum minus its own.
 MIN_SURVIVORS = 3
+# Distributed noise is truncated at this many standard deviations (so a noised
+# coordinate stays inside the quantization range); a draw that far out has
+# probability 2 * Phi(-10) = 1.5e-23 per coordinate.
+NOISE_TAIL = 10.0
 
 
 def target_range(cohort: int) -> int:
@@ -73,10 +84,24 @@ class Params:
     sizes: tuple[int, ...]  # their element counts
     min_survivors: int = MIN_SURVIVORS  # fewest devices whose sum is unmasked
     mod_range: int = MOD_RANGE
+    # sigma of user-level DP when each device adds its share of the noise
+    # (privacy.user.noise_at=devices); 0: the server adds it to the sum.
+    noise_multiplier: float = 0.0
 
     @property
     def dimension(self) -> int:
         return sum(self.sizes)
+
+    @property
+    def device_noise_std(self) -> float:
+        """Each device's share of the noise: sigma C / sqrt(t), so that any t
+        survivors together deliver at least N(0, (sigma C)^2)."""
+        return self.noise_multiplier * self.clip / math.sqrt(self.threshold)
+
+    @property
+    def quantization_range(self) -> float:
+        """R: each coordinate a device sends (update plus its noise) lies in [-R, R]."""
+        return self.clip + NOISE_TAIL * self.device_noise_std
 
     def problems(self) -> str:
         """Why an honest device must refuse these parameters ("" if it need not).
@@ -100,9 +125,12 @@ class Params:
                     f"T={target_range(self.cohort)}, M={MOD_RANGE} for this cohort")
         if not (math.isfinite(self.clip) and self.clip > 0):
             return f"clip {self.clip!r} is not a positive number"
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            return f"noise multiplier {self.noise_multiplier!r} is not a number >= 0"
         if not self.keys or len(self.keys) != len(self.sizes) or min(self.sizes) < 1:
             return "no arrays to sum, or sizes that do not match them"
-        if 2 / self.target_range * (math.sqrt(self.dimension) + 1) > 0.1:
+        if (2 * self.quantization_range / self.clip / self.target_range
+                * (math.sqrt(self.dimension) + 1) > 0.1):
             return (f"{self.dimension} values on {self.target_range} levels: rounding could "
                     "move an update by a tenth of the clip; sum fewer arrays or fewer devices")
         return ""
@@ -123,9 +151,9 @@ class Params:
                 if not isinstance(value, list) or any(type(v) is not kind for v in value):
                     raise ValueError(f"setup: {f.name!r} is not a list of {kind.__name__}")
                 value = tuple(value)
-            elif f.name == "clip":
+            elif f.name in ("clip", "noise_multiplier"):
                 if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ValueError("setup: 'clip' is not a number")
+                    raise ValueError(f"setup: {f.name!r} is not a number")
                 value = float(value)
             elif type(value) is not int:
                 raise ValueError(f"setup: {f.name!r} is not a whole number")

@@ -210,6 +210,11 @@ class Round:
         if len(self.masked) < p.min_survivors:
             raise Abandoned(f"{len(self.masked)} devices sent a masked update, fewer than "
                             f"aggregation.min_survivors={p.min_survivors}")
+        if p.noise_multiplier > 0 and len(self.masked) < p.threshold:
+            # Each device added sigma C / sqrt(t): fewer than t would deliver less
+            # noise than is accounted (never reached while the threshold checks hold).
+            raise Abandoned(f"{len(self.masked)} devices sent a masked update, fewer than "
+                            f"the {p.threshold} whose noise makes up the accounted sigma")
         total = self.total.copy()
         for owner in sorted(self.masked):
             seed = self._rebuild(owner, lambda s, o=owner:
@@ -227,7 +232,7 @@ class Round:
         if total.size and int(total.max()) > sum_bound(count, p.target_range):
             raise Abandoned("the unmasked sum is outside what honest devices can send: a "
                             "device sent an out-of-range value")
-        flat = decode_sum(total, count, p.clip, p.target_range)
+        flat = decode_sum(total, count, p.quantization_range, p.target_range)
         out, start = {}, 0
         for key, size in zip(p.keys, p.sizes, strict=True):
             out[key] = flat[start:start + size]

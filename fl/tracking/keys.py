@@ -34,6 +34,9 @@ PHOTO_DELTA = "privacy/photo_delta"
 USER_EPS = "privacy/user_eps"
 USER_DELTA = "privacy/user_delta"
 USER_NOISE_MULTIPLIER = "privacy/user_noise_multiplier"
+# privacy.user.noise_at=devices: the noise multiplier the round's survivors' noise
+# delivered, sigma * sqrt(survivors / threshold) >= the accounted sigma
+USER_NOISE_DELIVERED = "privacy/user_noise_delivered"
 # A simulated cohort (privacy.user.simulated_*) is reported under its own keys,
 # never mixed with the real run's accounting above.
 SIM_USER_EPS = "privacy/simulated_user_eps"

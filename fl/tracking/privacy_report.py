@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from fl.privacy.noise import SECURE, SEEDED_CAVEAT
-from fl.privacy.plan import PrivacyPlan
+from fl.privacy.plan import DEVICES, PrivacyPlan
 from fl.tracking import keys as K
 
 # What leaves a device besides the DP-protected shared weights.
@@ -168,6 +168,7 @@ def _user_section(plan: PrivacyPlan, last: dict[str, float]) -> dict[str, Any]:
         "sampling": m.sampling, "neighbouring_relation": m.relation,
         "accountant": m.accountant, "clip": m.clip, "noise_multiplier": m.noise_multiplier,
         "population": m.population, "cohort": m.cohort, "delta": m.delta,
+        "noise_added_by": plan.user.noise_at,
     }
     if plan.user.simulated:
         out["limits"] = ("none: the budget and target apply to the SIMULATED deployment "
@@ -204,11 +205,11 @@ def report(plan: PrivacyPlan, history: dict[int, dict[str, float]],
         out["user_level"] = _user_section(plan, last)
         if plan.user.simulated:
             out["user_level_simulated"] = _simulated_section(plan, last)
+    devices_noise = plan.user.enabled and plan.user.noise_at == DEVICES
     out["trust_assumptions"] = [
-        _aggregation_trust(history),
-        ("The server is trusted to add the user-level noise and to sample devices as "
-         "accounted; devices are trusted to run DP-SGD as instructed and to enforce their "
-         "own budget."),
+        _aggregation_trust(history, devices_noise),
+        *([] if devices_noise else [SERVER_NOISE_TRUST]),
+        DEVICE_NOISE_TRUST if devices_noise else DEVICE_TRUST,
         _noise_trust(plan),
         _sampling_trust(plan),
     ]
@@ -218,6 +219,16 @@ def report(plan: PrivacyPlan, history: dict[int, dict[str, float]],
     return out
 
 
+SERVER_NOISE_TRUST = "The server is trusted to add the user-level noise."
+DEVICE_TRUST = ("The server is trusted to sample devices as accounted; devices are trusted "
+                "to run DP-SGD as instructed and to enforce their own budget.")
+DEVICE_NOISE_TRUST = (
+    "The server is trusted to sample devices as accounted; devices are trusted to run "
+    "DP-SGD as instructed, to enforce their own budget and to add their share of the "
+    "user-level noise (privacy.user.noise_at=devices: each adds N(0, (sigma C)^2 / t) "
+    "from its OS's CSPRNG before masking, t the threshold, so the server never sees the "
+    "noiseless sum; a sum of fewer than t is never released, and a device that skips its "
+    "noise lowers the noise of its round).")
 SECURE_AGGREGATION_TRUST = (
     "Secure aggregation (aggregation.secure, SecAgg+ after Bell et al. 2020): each device "
     "clips its update to the bound, quantizes and masks it; the server holds no "
@@ -233,7 +244,7 @@ SECURE_AGGREGATION_TRUST = (
     "split views found by search, not by proof). Closing both needs Bell et al.'s "
     "consistency check with signatures over a PKI of device keys. It changes nothing "
     "else: the server "
-    "is still trusted to add the user-level noise to the sum, to sample devices as "
+    "is still trusted {noise}to sample devices as "
     "accounted (it could draw a cohort of one real device and devices it controls, "
     "whose sum is that device's update), and cannot check any single update: a hostile "
     "device can send any field element, which may ruin the model, and a value chosen "
@@ -245,11 +256,15 @@ NO_SECURE_AGGREGATION_TRUST = (
     "user-level DP protects only the released aggregate and model.")
 
 
-def _aggregation_trust(history: dict[int, dict[str, float]]) -> str:
+def _aggregation_trust(history: dict[int, dict[str, float]], devices_noise: bool = False
+                       ) -> str:
     """A run under secure aggregation logs ``fleet/secagg_abandoned`` every round
     it trained."""
     secure = any(K.SECAGG_ABANDONED in m for m in history.values())
-    return SECURE_AGGREGATION_TRUST if secure else NO_SECURE_AGGREGATION_TRUST
+    if not secure:
+        return NO_SECURE_AGGREGATION_TRUST
+    return SECURE_AGGREGATION_TRUST.format(
+        noise="" if devices_noise else "to add the user-level noise to the sum, ")
 
 
 def _sampling_trust(plan: PrivacyPlan) -> str:
