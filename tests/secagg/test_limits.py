@@ -197,6 +197,26 @@ def test_bad_shares_from_the_lowest_node_are_rejected_and_the_round_recovers(thr
     assert f"disagrees with the {t} shares that rebuild it" in server.bad_shares[100]
 
 
+def test_bad_shares_no_reconstruction_needs_do_no_harm_and_cost_nothing():
+    """The highest node's garbage shares are never among the first t a secret is
+    rebuilt from: the sum is right, and its shares are not tested (testing every
+    holder's share in every round cost (s - t + 1) combines per secret); it is named
+    in the round where its share first stands in the way (the test above)."""
+    nodes = list(range(100, 108))
+    p = params(8, sizes=(4,), threshold=NEW_DEFAULT)
+    updates = {n: np.full(4, 0.01 * (i + 1)) for i, n in enumerate(nodes)}
+
+    def garbage(node, reply):
+        if node == 107:
+            reply = dict(reply)
+            reply[S.SHARES] = [s[:4] + bytes(len(s) - 4) for s in reply[S.SHARES]]
+        return reply
+    server, _, rejected = play(p, updates, tamper={S.UNMASK: garbage})
+    total, count = server.unmasked_sum()
+    assert count == 8 and not rejected and not server.bad_shares
+    assert np.allclose(total["w0"], sum(updates.values()), atol=1e-6)
+
+
 # --- a device that insists on secure aggregation ----------------------------------
 
 @pytest.mark.parametrize("value,reason", [
