@@ -47,6 +47,8 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     """End-to-end runs first (a stable sort keeps their order): with ``make test``'s
-    two workers (pytest-xdist), the long ones start early and the short ones fill the
-    gaps, instead of one worker finishing a deployment alone at the end."""
+    two workers (pytest-xdist, ``--dist worksteal``), the long ones start early and the
+    short ones fill the gaps. Work stealing matters as much: xdist's default ``load``
+    hands each worker a quarter of the suite up front, and one worker was left idle for
+    15 minutes while the other ran its queue of end-to-end tests."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
