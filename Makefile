@@ -22,7 +22,7 @@ run: $(STAMP)
 	$(PY) -m experiments.train
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 deploy-demo: $(STAMP)
 	$(PY) -m experiments.deploy_demo
