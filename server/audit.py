@@ -90,14 +90,37 @@ class Roles:
     photo_devices: list[int]
 
 
-def assign_roles(num_devices: int, s: AuditSettings, seed: int) -> Roles:
+def user_canary_count(num_devices: int, share: float, available: int,
+                      sampled: float = 1.0) -> int:
+    """How many canary users: ``share`` of the fleet, raised (when ``share`` > 0) so
+    that about ``2 * MIN_USER_CANARIES`` are expected to be sampled at least once
+    (``sampled``: a device's chance of that over the run), at most half of the
+    ``available`` devices, which must keep at least one photo device.
+
+    The share alone gave 4 canary users on a 20-device, 3-round run, of which
+    fewer than 5 were sampled: no estimate."""
+    if share <= 0:
+        return 0
+    wanted = round(share * num_devices)
+    if sampled > 0:
+        wanted = max(wanted, math.ceil(2 * MIN_USER_CANARIES / sampled))
+    return max(0, min(wanted, available // 2, available - 1))
+
+
+def chance_sampled(num_devices: int, per_round: int, rounds: int) -> float:
+    """A device's chance of being drawn at least once in ``rounds`` rounds at rate
+    ``per_round / num_devices`` (Poisson or fixed-size: the same marginal)."""
+    return 1.0 - (1.0 - min(1.0, per_round / num_devices)) ** rounds
+
+
+def assign_roles(num_devices: int, s: AuditSettings, seed: int, sampled: float = 1.0) -> Roles:
     """Inversion targets first (no canaries), then canary users, the rest hold
-    canary photos. A seeded shuffle: who is what is public, only coins are secret."""
+    canary photos. A seeded shuffle: who is what is public, only coins are secret.
+    ``sampled``: a device's chance of taking part in the run (``chance_sampled``)."""
     order = list(np.random.default_rng([seed, 0xA0D17]).permutation(num_devices))
     inv = [int(d) for d in order[:min(s.inversion_devices, num_devices)]]
     rest = order[len(inv):]
-    n_user = round(s.user_canaries * num_devices)
-    n_user = min(n_user, max(0, len(rest) - 1))
+    n_user = user_canary_count(num_devices, s.user_canaries, len(rest), sampled)
     users = {int(d): i for i, d in enumerate(rest[:n_user])}
     held = list(range(n_user, 2 * n_user))
     photo = sorted(int(d) for d in rest[n_user:])
@@ -297,7 +320,8 @@ def run_audit(cfg: DictConfig, log: Callable[[str], None] = say,
     C.validate(cfg)
     s = AuditSettings.from_config(cfg)
     task, spec, plan = get_task(C.task_params(cfg)), C.fleet_spec(cfg), privacy_plan(cfg)
-    roles = assign_roles(spec.num_devices, s, int(cfg.seed))
+    roles = assign_roles(spec.num_devices, s, int(cfg.seed), chance_sampled(
+        spec.num_devices, int(cfg.fleet.devices_per_round), int(cfg.fleet.rounds)))
     placement = CP.place(roles.photo_devices, s.canaries_per_device, int(cfg.local.batch_size),
                          seed=int(cfg.seed), coins=coins)
     user_seed = secrets.randbits(63)  # directions of canary users: never logged

@@ -14,7 +14,14 @@ from fl.audit import report as R
 from fl.audit.inversion import Inversion
 from fl.config import ConfigError, compose
 from fl.tracking import keys as K
-from server.audit import AuditResult, AuditSettings, assign_roles, check_auditable
+from server.audit import (
+    MIN_USER_CANARIES,
+    AuditResult,
+    AuditSettings,
+    assign_roles,
+    chance_sampled,
+    check_auditable,
+)
 
 ISSUE_KEYS = {"audit/photo_eps_lower", "audit/photo_eps_theory", "audit/user_eps_lower",
               "audit/user_eps_theory", "audit/canaries", "audit/correct_guesses",
@@ -63,11 +70,24 @@ def test_a_bound_above_the_theory_is_a_violation():
 
 
 def test_roles_never_overlap_and_depend_on_no_coin():
-    roles = assign_roles(20, AuditSettings(user_canaries=0.25, inversion_devices=2), seed=1)
+    roles = assign_roles(40, AuditSettings(user_canaries=0.25, inversion_devices=2), seed=1)
     users, photo = set(roles.user_canaries), set(roles.photo_devices)
-    assert len(roles.inversion) == 2 and len(users) == 5 and len(roles.held_out) == 5
+    assert len(roles.inversion) == 2 and len(users) == 10 and len(roles.held_out) == 10
     assert not (users & photo) and not (set(roles.inversion) & (users | photo))
-    assert roles == assign_roles(20, AuditSettings(user_canaries=0.25, inversion_devices=2), 1)
+    assert roles == assign_roles(40, AuditSettings(user_canaries=0.25, inversion_devices=2), 1)
+
+
+def test_enough_canary_users_are_expected_to_be_sampled_for_an_estimate():
+    """The share alone gave a 20-device, 3-round run 4 canary users: too few drawn."""
+    s = AuditSettings(user_canaries=0.2, inversion_devices=2)
+    short = chance_sampled(20, 10, 3)  # 0.875
+    roles = assign_roles(20, s, 0, short)
+    assert len(roles.user_canaries) == 9 and len(roles.photo_devices) == 9  # half the rest
+    assert len(roles.user_canaries) * short >= MIN_USER_CANARIES
+    default = chance_sampled(100, 10, 20)  # the default fleet: the share suffices
+    assert len(assign_roles(100, s, 0, default).user_canaries) == 20
+    assert 20 * default >= 2 * MIN_USER_CANARIES
+    assert not assign_roles(20, AuditSettings(user_canaries=0.0), 0, short).user_canaries
 
 
 @pytest.mark.parametrize("override, reason", [
