@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -337,7 +338,9 @@ def run_audit(cfg: DictConfig, log: Callable[[str], None] = say,
         f"{len(roles.user_canaries)} canary users, inversion of device(s) {roles.inversion}")
     app = audit_client_app(placement, spec.image_size, int(cfg.local.batch_size),
                            spec.photos_max, planted_bug)
+    started = time.perf_counter()
     summary = simulate(cfg, wrap_grid=wrap, client_app=app)
+    simulated = time.perf_counter()
     seen = holder["grid"].seen
     rounds = max((r for r in summary.history if r > 0), default=0)
     from fl.pretrain import load_checkpoint
@@ -347,7 +350,11 @@ def run_audit(cfg: DictConfig, log: Callable[[str], None] = say,
     photo, photo_eps_theory, schedules = _photo_audit(task, spec, plan, placement, seen,
                                                       personal_init, s)
     user, user_eps_theory = _user_audit(task, plan, roles, seen, summary, s, user_seed, rounds)
+    scored = time.perf_counter()
     inversion = _inversion(task, spec, plan, roles, seen, personal_init, s, int(cfg.seed))
+    log(f"audit: simulation {simulated - started:.0f} s, canary scores and user estimate "
+        f"{scored - simulated:.0f} s, inversion {time.perf_counter() - scored:.0f} s; "
+        f"{len(seen.user_inserted)} canary users inserted")
     return AuditResult(summary.run_id, photo, photo_eps_theory, user, user_eps_theory,
                        inversion, rounds, s, planted_bug, summary.ui_command, schedules,
                        summary)
