@@ -24,6 +24,7 @@ from flwr.app import Message
 from flwr.common.constant import ErrorCode
 
 from fl import protocol as P
+from fl.secagg import params as S
 from fl.tracking import keys as K
 
 
@@ -218,7 +219,7 @@ def fold_train_reports(records: dict[int, DeviceRecord],
     losses, photos_used = [], 0
     for node, reason in failed.items():
         records[node].status = reason
-    for node, (report, _) in reports.items():
+    for node, (report, reply) in reports.items():
         record = records[node]
         # The server's view of a ledger only grows (a refusal may report an older one).
         record.participations = max(record.participations, report.participations)
@@ -232,7 +233,8 @@ def fold_train_reports(records: dict[int, DeviceRecord],
             record.status = "budget exhausted"
         if node in failed:
             record.status = failed[node]
-        elif report.trained and report.arrays is not None:
+        elif report.trained and (report.arrays is not None or S.MASKED in reply.content):
+            # (under secure aggregation the update comes masked, not as arrays)
             if math.isfinite(report.train_loss):
                 losses.append(report.train_loss)
             photos_used += report.photos_used

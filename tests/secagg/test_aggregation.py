@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from experiments.bench.secagg_fleet import FakeFleet, reports, train_messages
+from fl import protocol as P
 from fl.privacy.plan import UserPlan
 from fl.privacy.release import DeviceUpdate, DpFedAvgRelease, PlainRelease
 from fl.privacy.user_level import UserMechanism
@@ -174,3 +175,24 @@ def test_a_device_sending_bad_unmasking_shares_is_rejected_named_and_the_round_r
     assert released.metrics[K.SECAGG_ABANDONED] == 0
     mean = sum(u["decoder.w"] for u in updates.values()) / len(updates)
     assert torch.allclose(released.state["decoder.w"], mean, atol=1e-5)
+
+
+def test_a_masked_update_counts_its_loss_and_photos():
+    """The loop's train/loss and consent/photos_used come from the reports of the
+    updates that counted; under secure aggregation an update comes masked, not as
+    arrays (the default experiment logged train/loss nan with the flag before)."""
+    import numpy as np
+    from flwr.app import Array
+
+    from server.records import fold_train_reports
+    from tests.server.test_records import _parse, _records, _reply
+
+    replies = [_reply(1), _reply(2, **{P.TRAIN_LOSS: 0.3})]
+    for reply in replies:
+        del reply.content[P.ARRAYS]
+        reply.content[S.MASKED] = ArrayRecord({S.MASKED: Array(np.zeros(2, dtype=np.int64))})
+    records = _records(1, 2)
+    reports, failed, rejected = _parse(replies, [1, 2], records)
+    assert not failed and not rejected
+    losses, photos = fold_train_reports(records, reports, {}, set())
+    assert losses == [0.1, 0.3] and photos == 24
