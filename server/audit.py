@@ -246,11 +246,18 @@ def photo_scores(task, spec, placement: CP.Placement, seen: Observed, personal_i
     """Each canary's score (``SCORES[kind]``), summed over every update its device sent."""
     scores: dict[int, float] = {}
     model = task.build_model(spec.image_size)
+    nuisance: dict[int, np.ndarray] = {}  # per round: it depends only on the weights sent
     for rnd, device, received in seen.updates:
         if device not in placement.slots:
             continue
+        extra = {}
+        if kind == "presence":
+            if rnd not in nuisance:
+                nuisance[rnd] = CP.nuisance_directions(task, model, seen.sent[rnd],
+                                                       personal_init, spec.image_size)
+            extra = {"nuisance": nuisance[rnd]}
         for c, v in SCORES[kind](task, model, placement, device, seen.sent[rnd], received,
-                                 personal_init, spec.image_size).items():
+                                 personal_init, spec.image_size, **extra).items():
             scores[c] = scores.get(c, 0.0) + v
     return scores
 

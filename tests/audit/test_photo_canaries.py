@@ -74,6 +74,8 @@ def _game(overrides: list[str], coins: np.ndarray, bug: str | None = None):
     sent = {k: v.clone() for k, v in task.shared_state(start).items()}
     personal = {k: v.clone() for k, v in task.personal_state(start).items()}
     scores, theory = {}, 0.0
+    nuisance = CP.nuisance_directions(task, task.build_model(spec.image_size), sent, personal,
+                                      spec.image_size)  # once: every device got ``sent``
     for device in range(DEVICES):
         data = CP.with_canaries(load_device_data(spec, device), placement, device,
                                 spec.image_size, r.batch_size, spec.photos_max)
@@ -89,7 +91,8 @@ def _game(overrides: list[str], coins: np.ndarray, bug: str | None = None):
             theory = max(theory, epsilon_of([(r.noise_multiplier, out.sample_rate, out.steps)],
                                             DELTA))
         scores |= CP.score_update(task, task.build_model(spec.image_size), placement, device,
-                                  sent, task.shared_state(model), personal, spec.image_size)
+                                  sent, task.shared_state(model), personal, spec.image_size,
+                                  nuisance=nuisance)
     order = sorted(scores)
     result = one_run.audit([scores[c] for c in order], coins[order], DELTA)
     return result, (theory if r.photo_dp else float("inf"))

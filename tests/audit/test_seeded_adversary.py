@@ -92,6 +92,8 @@ def test_an_adversary_that_knows_the_seed_beats_the_theory(tiny_overrides):
     personal = task.personal_state(start)
     keys = CP.trained_keys(task, sent)
     scores, raw, theory, fits = {}, {}, 0.0, []
+    nuisance = CP.nuisance_directions(task, task.build_model(spec.image_size), sent, personal,
+                                      spec.image_size)  # once: every device got ``sent``
     for device in range(DEVICES):
         real = load_device_data(spec, device)
         data = CP.with_canaries(real, placement, device, spec.image_size, r.batch_size,
@@ -114,9 +116,9 @@ def test_an_adversary_that_knows_the_seed_beats_the_theory(tiny_overrides):
             cleaned[k] = sent[k] + clean[start_at:start_at + n].reshape(sent[k].shape)
             start_at += n
         scores |= CP.score_update(task, task.build_model(spec.image_size), placement, device,
-                                  sent, cleaned, personal, spec.image_size)
+                                  sent, cleaned, personal, spec.image_size, nuisance=nuisance)
         raw |= CP.score_update(task, task.build_model(spec.image_size), placement, device,
-                               sent, received, personal, spec.image_size)
+                               sent, received, personal, spec.image_size, nuisance=nuisance)
     assert min(fits) > 0.99, fits  # the seed rebuilt (nearly) all of the update
     order = sorted(scores)
     blind = one_run.audit([raw[c] for c in order], coins[order], DELTA)
