@@ -149,3 +149,43 @@ def test_loss_drop_is_positive_for_a_step_on_the_canary_and_zero_without_one(tin
     assert drops[0] > 0 and drops[0] > drops[1]
     still = CP.loss_drop(task, model, placement, 0, sent, sent, personal, spec.image_size)
     assert still == {0: 0.0, 1: 0.0}
+
+
+def test_without_dp_nearly_every_guess_is_right_on_the_pretrained_generator():
+    """The realistic setting: the default config's committed pretrained swap generator,
+    two local epochs, lr_personal 10. Random-pixel canaries with 32 nuisance faces got
+    44 of 70 guesses right in a 20-device run (AUC 0.63 here); now 42/42 right,
+    bound 1.96 of the ceiling 2.27 (10 s)."""
+    from fl.pretrain import checkpoint_key, committed_checkpoint, load_checkpoint
+
+    cfg = compose(["privacy=none"])
+    task, spec, pre = get_task(task_params(cfg)), fleet_spec(cfg), cfg.pretrain
+    path = committed_checkpoint(task, checkpoint_key(task, spec, pre.steps, pre.batch_size,
+                                                     pre.lr, int(cfg.seed)))
+    if path is None:
+        pytest.skip("no committed pretrained checkpoint for the default config")
+    torch.manual_seed(0)
+    checkpoint = load_checkpoint(path)
+    start = task.build_model(spec.image_size)
+    start.load_state_dict({**checkpoint["shared"], **checkpoint.get("personal_init", {})},
+                          strict=False)
+    r = recipe(cfg, privacy_plan(cfg).photo)
+    coins = np.random.default_rng(7).random(DEVICES * PER_DEVICE) < 0.5
+    placement = CP.place(list(range(DEVICES)), PER_DEVICE, r.batch_size, seed=3, coins=coins)
+    sent, personal = task.shared_state(start), task.personal_state(start)
+    nuisance = CP.nuisance_directions(task, task.build_model(spec.image_size), sent, personal,
+                                      spec.image_size)
+    scores = {}
+    for device in range(DEVICES):
+        data = CP.with_canaries(load_device_data(spec, device), placement, device,
+                                spec.image_size, r.batch_size, spec.photos_max)
+        model = task.build_model(spec.image_size)
+        model.load_state_dict({**sent, **personal})
+        train_on_device(task, model, task.training_tensors(data), r, PhotoLedger("rdp"))
+        scores |= CP.score_update(task, task.build_model(spec.image_size), placement, device,
+                                  sent, task.shared_state(model), personal, spec.image_size,
+                                  nuisance=nuisance)
+    order = sorted(scores)
+    result = one_run.audit([scores[c] for c in order], coins[order], DELTA)
+    assert result.guesses.correct >= 0.95 * result.guesses.guesses >= 0.95 * 40
+    assert result.epsilon_lower >= 0.8 * result.ceiling
