@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist worksteal
 
 deploy-demo: $(STAMP)
-	$(PY) -m experiments.deploy_demo
+	$(PY) -m experiments.deploy_demo $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench

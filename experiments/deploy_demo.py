@@ -36,25 +36,29 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from experiments.flwr_local import REPO, flwr_env, flwr_run_command, run_overrides
+from fl.config import compose
 from fl.console import say
 from fl.data import consent
 from fl.data.export import export_folders
 from fl.deploy.certs import make_ca, make_node_keys, make_server_cert
+from fl.tracking import keys as K
 
 CONNECTION = "fedface-demo"
+EXPERIMENT = "fedface-deploy"
 NUM_DEVICES = 3
 DEMO_OVERRIDES = [
     "data=device", "privacy.noise=secure", "devices.consent_default=deny",
     f"fleet.num_devices={NUM_DEVICES}",
     f"fleet.devices_per_round={NUM_DEVICES}", "fleet.sampling=fixed", "fleet.rounds=2",
     f"fleet.eval_devices={NUM_DEVICES}", "fleet.round_timeout=120", "data.photos_min=10",
-    "data.photos_max=20", "data.heldout_photos=2", "tracking.experiment_name=fedface-deploy",
+    "data.photos_max=20", "data.heldout_photos=2", f"tracking.experiment_name={EXPERIMENT}",
 ]
 
 
@@ -62,6 +66,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+ANSI_COLOUR = re.compile(rb"\x1b\[[0-9;]*m")
+
+
+def copy_stamped(stream, path: Path) -> None:
+    """Copy a process's output to ``path`` line by line, each line prefixed with the
+    wall-clock time it arrived (``HH:MM:SS.mmm``) and without Flower's colour codes."""
+    with stream, path.open("wb") as log:
+        for line in iter(stream.readline, b""):
+            stamp = datetime.now().strftime("%H:%M:%S.%f")[:-3].encode()
+            log.write(stamp + b" " + ANSI_COLOUR.sub(b"", line))
+            log.flush()
 
 
 def wait_for_port(port: int, timeout: float = 60.0) -> None:
@@ -86,6 +103,7 @@ class Deployment:
     superlink_port: int = field(default_factory=free_port)
     gateway_port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    copiers: dict[str, threading.Thread] = field(default_factory=dict)
 
     @property
     def certs(self) -> Path:
@@ -96,12 +114,27 @@ class Deployment:
         return f"127.0.0.1:{self.gateway_port}"
 
     def start(self, name: str, command: list[str]) -> subprocess.Popen:
-        """A process in its own session (its children can be stopped with it)."""
-        log = (self.work / "logs" / f"{name}.log").open("w")
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                cwd=self.work, start_new_session=True)
-        self.procs[name] = proc
+        """A process in its own session (its children can be stopped with it), its
+        output written to ``logs/<name>.log`` with the wall-clock time of each line
+        (Flower's own lines carry none: the timestamps are what shows where a
+        deployed round's time goes)."""
+        # One thread per process unless told otherwise: several devices share this
+        # machine's cores, and torch's default pool per process would oversubscribe them.
+        env = {"OMP_NUM_THREADS": "1", **self.env, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=env, cwd=self.work, start_new_session=True)
+        copier = threading.Thread(target=copy_stamped,
+                                  args=(proc.stdout, self.work / "logs" / f"{name}.log"),
+                                  daemon=True)
+        copier.start()
+        self.procs[name], self.copiers[name] = proc, copier
         return proc
+
+    def wait(self, name: str, timeout: float) -> tuple[int, str]:
+        """(exit code, whole log) of a process that ends by itself."""
+        code = self.procs[name].wait(timeout)
+        self.copiers[name].join(timeout)
+        return code, (self.work / "logs" / f"{name}.log").read_text()
 
     def start_superlink(self) -> None:
         c = self.certs
@@ -128,12 +161,17 @@ class Deployment:
             "--ssl-certfile", str(c / "server.pem"), "--ssl-keyfile", str(c / "server.key"),
             "--ssl-ca-certfile", str(c / "ca.crt")])
 
-    def register(self, name: str) -> None:
-        done = subprocess.run(["flwr", "supernode", "register", str(self.certs / f"{name}.pub"),
-                               CONNECTION], env=self.env, capture_output=True, text=True,
-                              check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"registering {name} failed: {done.stdout}{done.stderr}")
+    def register(self, *names: str) -> None:
+        """The operator registers these SuperNodes' public keys, all at once (each
+        ``flwr`` call is a CLI start of a few seconds)."""
+        calls = {name: subprocess.Popen(
+            ["flwr", "supernode", "register", str(self.certs / f"{name}.pub"), CONNECTION],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for name in names}
+        for name, call in calls.items():
+            output = call.communicate()[0]
+            if call.returncode != 0:
+                raise RuntimeError(f"registering {name} failed: {output}")
 
     def start_supernode(self, name: str, index: int, data_dir: Path, state_dir: Path,
                         key: str | None = None, ca: bool = True,
@@ -163,6 +201,8 @@ class Deployment:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+            if copier := self.copiers.pop(n, None):
+                copier.join(grace)
             stopped.append(proc.pid)
         return stopped
 
@@ -221,7 +261,8 @@ def cli_error(output: str) -> str:
     return flat.split(" Error ", 1)[1] if " Error " in flat else flat
 
 
-def prepare(work: Path, photos: int = 14) -> list[tuple[str, Path, Path]]:
+def prepare(work: Path, photos: int = 14,
+            num_devices: int = NUM_DEVICES) -> list[tuple[str, Path, Path]]:
     """Credentials, Flower connection, and each device's own data and state dirs."""
     if work.exists():
         shutil.rmtree(work)
@@ -229,9 +270,9 @@ def prepare(work: Path, photos: int = 14) -> list[tuple[str, Path, Path]]:
     certs = work / "certs"
     make_ca(certs)
     make_server_cert(certs, ["localhost", "127.0.0.1"])
-    export = export_folders(work / "export", people=NUM_DEVICES, photos=photos)
+    export = export_folders(work / "export", people=num_devices, photos=photos)
     devices = []
-    for i in range(NUM_DEVICES):
+    for i in range(num_devices):
         name = f"device-{i:05d}"
         make_node_keys(certs, name)
         data_dir, state_dir = work / "devices" / name / "data", work / "devices" / name / "state"
@@ -254,17 +295,23 @@ def write_connection(home: Path, address: str, ca: Path, name: str = CONNECTION)
 
 def main(overrides: list[str]) -> int:
     work = Path(os.environ.get("FEDFACE_DEPLOY_DIR", REPO / ".fedface-deploy")).resolve()
-    devices = prepare(work)
     pinned = run_overrides([*DEMO_OVERRIDES, f"checkpoint.dir={work / 'checkpoints'}",
                             *overrides])
+    # One SuperNode per device of the fleet (fleet.num_devices may be overridden).
+    devices = prepare(work, num_devices=int(compose(pinned).fleet.num_devices))
     home = work / "flwr-home"
-    deployment = Deployment(work, flwr_env(home))
+    env = flwr_env(home)
+    # The attribute net that scores evaluations (fl.attributes) is deterministic: the
+    # demo's processes share the repository's cache rather than train it in the fresh
+    # working directory every time.
+    env.setdefault("FEDFACE_CACHE", str(REPO / ".fedface-cache"))
+    deployment = Deployment(work, env)
     write_connection(home, f"127.0.0.1:{deployment.superlink_port}",
                      deployment.certs / "ca.crt")
     try:
         deployment.start_superlink()
+        deployment.register(*(name for name, _, _ in devices))
         for i, (name, data_dir, state_dir) in enumerate(devices):
-            deployment.register(name)
             deployment.start_supernode(name, i, data_dir, state_dir)
         say(f"SuperLink (TLS, SuperNode authentication) on 127.0.0.1:"
             f"{deployment.superlink_port} only; fleet gateway for devices on "
@@ -275,29 +322,51 @@ def main(overrides: list[str]) -> int:
                                    f"{done.stdout}")
             say(f"a stranger with ca.crt, via the fleet port, tried to {what}: "
                 f"{cli_error(done.stdout + done.stderr)}")
+        started = time.time()
         code = subprocess.run(flwr_run_command(CONNECTION, pinned), env=deployment.env,
                               cwd=REPO, check=False).returncode
+        run_seconds = time.time() - started
     finally:
         stopped = deployment.stop()
         say(f"stopped {len(stopped)} processes (pids {', '.join(map(str, stopped))})")
     uri = next(o.split("=", 1)[1] for o in pinned if o.startswith("tracking.uri="))
-    say(latest_run(uri, "fedface-deploy"))
+    say(latest_run(uri, EXPERIMENT))
+    say(round_times(uri, EXPERIMENT, run_seconds))
     return code
 
 
-def latest_run(uri: str, experiment_name: str) -> str:
-    """Where to look: the newest MLflow run of the demo's experiment."""
+def _newest_run(uri: str, experiment_name: str):
     import mlflow
 
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(experiment_name)
     runs = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"],
                               max_results=1) if experiment else []
-    if not runs:
+    return client, (runs[0] if runs else None)
+
+
+def latest_run(uri: str, experiment_name: str) -> str:
+    """Where to look: the newest MLflow run of the demo's experiment."""
+    _, run = _newest_run(uri, experiment_name)
+    if run is None:
         return f"no MLflow run in experiment {experiment_name!r} at {uri}; see the logs above"
-    run = runs[0]
     return (f"MLflow run {run.info.run_id} ({run.info.status}) in experiment "
             f"{experiment_name!r}: mlflow ui --backend-store-uri {uri}")
+
+
+def round_times(uri: str, experiment_name: str, run_seconds: float) -> str:
+    """What a deployed round costs: each round's wall time (``fleet/round_seconds``:
+    training, release, evaluation) with the devices that trained in it, and the whole
+    ``flwr run`` (the ServerApp's start, the roll call and round 0 included)."""
+    client, run = _newest_run(uri, experiment_name)
+    rounds = {m.step: m.value for m in client.get_metric_history(
+        run.info.run_id, K.ROUND_SECONDS)} if run else {}
+    trained = {m.step: int(m.value) for m in client.get_metric_history(
+        run.info.run_id, K.DEVICES_TRAINED)} if run else {}
+    parts = [f"round {r} {seconds:.1f} s ({trained.get(r, 0)} trained)"
+             for r, seconds in sorted(rounds.items()) if r > 0]
+    return (f"deployed rounds: {', '.join(parts) or 'none logged'}; flwr run "
+            f"{run_seconds:.0f} s in all")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """A real deployment on localhost: TLS SuperLink with SuperNode authentication bound
-to loopback, the fleet gateway in front of it, three registered SuperNodes over their
-own data and state directories, ``flwr run``.
+to loopback, the fleet gateway in front of it, four registered SuperNodes over their
+own data and state directories, ``flwr run`` with secure aggregation (SecAgg+).
 
 One deployment serves every check (each SuperNode start costs seconds): the run
-completes with the same MLflow keys as a simulation of the same photos; while it
-trains, a stranger holding the CA certificate tries to register a node, list runs and
-start a run through the only port devices dial, and is refused by the gateway (the
-operator, on loopback, lists the run); a SuperNode with an unregistered key and one
-without the CA certificate are refused; a SuperNode killed mid-run is counted in
-``fleet/devices_failed`` and the run goes on; the photo-level ledgers are on the
+completes with the same MLflow keys as a simulation of the same photos with the same
+flags; while it trains, a stranger holding the CA certificate tries to register a
+node, list runs and start a run through the only port devices dial, and is refused by
+the gateway (the operator, on loopback, lists the run); a SuperNode with an
+unregistered key and one without the CA certificate are refused; a SuperNode killed
+in round 2 after it shared its keys is counted in ``fleet/devices_failed``, and the
+others' shares unmask the round's sum without it; the photo-level ledgers are on the
 devices' disks; nothing is left running.
 """
 
@@ -27,20 +28,31 @@ from clients.device_state import DeviceStore
 from experiments.deploy_demo import (
     CONNECTION,
     DEMO_OVERRIDES,
+    EXPERIMENT,
     STRANGER_ATTEMPTS,
     Deployment,
     cli_error,
     prepare,
+    round_times,
     stranger_attempts,
     write_connection,
 )
-from experiments.flwr_local import REPO, flwr_env, flwr_run_command, run_overrides
+from experiments.flwr_local import flwr_env, flwr_run_command, run_overrides
 from fl.config import compose
 from fl.deploy.gateway import REFUSED
 from fl.tracking import keys as K
 from server.simulation import simulate
 
 pytestmark = pytest.mark.slow
+# The one deployment runs SecAgg+ (plain aggregation is covered by the simulations).
+# A sum is unmasked only over at least aggregation.min_survivors=3 devices (devices
+# refuse fewer), and a cohort of 3 needs all 3 shares: one of 3 dropping out could
+# only abandon the round. With 4 (3 of 4 shares), killing one mid-round exercises the
+# protocol's dropout recovery. One device evaluates (the path and the metric keys are
+# those of any panel; each panel device costs a ClientApp process per round).
+DEVICES = 4
+FLEET = ["aggregation.secure=true", f"fleet.num_devices={DEVICES}",
+         f"fleet.devices_per_round={DEVICES}", "fleet.eval_devices=1"]
 TINY = ["task.width=8", "pretrain.steps=5", "pretrain.batch_size=4", "data.num_public=8",
         "data.clip_length=3", "task.eval_clips=1", "fleet.newuser_identities=1",
         "fleet.newuser_steps=3", "local.epochs=1", "local.batch_size=4",
@@ -96,10 +108,13 @@ def _fleet_register(deployment: Deployment, key: str) -> tuple[int, str]:
 def deployment_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("deploy")
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    devices = prepare(work / "fleet")
+    devices = prepare(work / "fleet", num_devices=DEVICES)
     home = work / "flwr-home"
-    overrides = run_overrides([*DEMO_OVERRIDES, *TINY, "fleet.rounds=2",
-                               "fleet.round_timeout=60", f"tracking.uri={uri}",
+    # fleet.round_timeout stays the demo's 120 s: a device that stops is reported by
+    # the SuperLink at once (its SuperNode signs off), so the limit costs nothing here,
+    # while a loaded machine took over 60 s for a training message (round 1 lost devices).
+    overrides = run_overrides([*DEMO_OVERRIDES, *TINY, *FLEET, "fleet.rounds=2",
+                               f"tracking.uri={uri}",
                                f"pretrain.cache_dir={work / 'cache'}",
                                f"checkpoint.dir={work / 'checkpoints'}"])
     deployment = Deployment(work / "fleet", flwr_env(home))
@@ -108,17 +123,15 @@ def deployment_run(tmp_path_factory):
     result = {"devices": devices, "uri": uri}
     try:
         deployment.start_superlink()
+        deployment.register(*(name for name, _, _ in devices))
         for i, (name, data_dir, state_dir) in enumerate(devices):
-            deployment.register(name)
             deployment.start_supernode(name, i, data_dir, state_dir)
         _, data_dir, state_dir = devices[0]
-        rogue = deployment.start_supernode("rogue", 9, data_dir, work / "rogue-state",
-                                           key="unregistered", retries=1)
-        no_ca = deployment.start_supernode("no-ca", 8, data_dir, work / "no-ca-state",
-                                           key=devices[1][0], ca=False, retries=1)
-        run = subprocess.Popen(flwr_run_command(CONNECTION, overrides), env=deployment.env,
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+        deployment.start_supernode("rogue", 9, data_dir, work / "rogue-state",
+                                   key="unregistered", retries=1)
+        deployment.start_supernode("no-ca", 8, data_dir, work / "no-ca-state",
+                                   key=devices[1][0], ca=False, retries=1)
+        run = deployment.start("flwr-run", flwr_run_command(CONNECTION, overrides))
         # While the devices train: what a stranger can do from the devices' side, and
         # what the operator can do on loopback.
         result["stranger"] = stranger_attempts(deployment)
@@ -128,25 +141,24 @@ def deployment_run(tmp_path_factory):
                                "gateway": _listening(deployment.gateway_port)}
         result["operator_ls"] = subprocess.run(["flwr", "ls", CONNECTION], env=deployment.env,
                                                capture_output=True, text=True, check=False)
-        # Kill device 2's SuperNode once round 1's results are in MLflow.
-        client, deadline = mlflow.MlflowClient(uri), time.time() + 600
+        # Kill device 2's SuperNode as round 2's training message reaches it (its
+        # ClientApp takes seconds to start): it has answered round 2's key set-up and
+        # sent its shares, so SecAgg+ must remove its masks through the others' shares.
+        victim, deadline = deployment.work / "logs" / f"{devices[2][0]}.log", time.time() + 600
         while time.time() < deadline and run.poll() is None:
-            runs = []
-            experiment = client.get_experiment_by_name("fedface-deploy") if Path(
-                work / "mlflow.db").exists() else None
-            if experiment:
-                runs = client.search_runs([experiment.experiment_id])
-            if runs and 1 in _metric_steps(client, runs[0].info.run_id, K.DEVICES_TRAINED):
+            if victim.read_text().count("Receiving: train message") >= 2:
                 result["killed"] = deployment.stop(devices[2][0])
                 break
-            time.sleep(2)
-        result["output"] = run.communicate(timeout=600)[0]
-        result["code"] = run.returncode
-        result["rogue"] = (rogue.wait(120), (work / "fleet/logs/rogue.log").read_text())
-        result["no_ca"] = (no_ca.wait(120), (work / "fleet/logs/no-ca.log").read_text())
+            time.sleep(0.2)
+        result["code"], result["output"] = deployment.wait("flwr-run", 600)
+        result["rogue"] = deployment.wait("rogue", 120)
+        result["no_ca"] = deployment.wait("no-ca", 120)
     finally:
         result["stopped"] = deployment.stop()
-        result["gateway_log"] = (work / "fleet/logs/gateway.log").read_text()
+        logs = work / "fleet" / "logs"
+        result["gateway_log"] = (logs / "gateway.log").read_text()
+        result["device_logs"] = {name: (logs / f"{name}.log").read_text()
+                                 for name, _, _ in devices}
     return result
 
 
@@ -165,14 +177,17 @@ def test_the_deployed_run_completes_with_the_simulation_metric_keys(deployment_r
             (root / name / photo.name).write_bytes(photo.read_bytes())
     sim_uri = f"sqlite:///{tmp_path / 'sim.db'}"
     overrides = [o for o in DEMO_OVERRIDES if not o.startswith(("data=", "devices."))]
-    summary = simulate(compose([*overrides, *TINY, "data=folders", f"data.root={root}",
+    summary = simulate(compose([*overrides, *TINY, *FLEET, "data=folders", f"data.root={root}",
                                 "devices.consent_default=grant", "fleet.rounds=2",
                                 f"tracking.uri={sim_uri}", f"devices.storage_dir={tmp_path}",
                                 f"pretrain.cache_dir={tmp_path / 'cache'}",
                                 f"checkpoint.dir={tmp_path / 'checkpoints'}"]))
     simulated = mlflow.MlflowClient(sim_uri).get_run(summary.run_id).data.metrics
     assert set(run.data.metrics) == set(simulated)
-    assert _metric_steps(client, run.info.run_id, K.DEVICES_TRAINED)[1] == 3
+    assert _metric_steps(client, run.info.run_id, K.DEVICES_TRAINED)[1] == DEVICES
+    # what make deploy-demo prints at the end: each round's wall time
+    times = round_times(r["uri"], EXPERIMENT, 0.0)
+    assert "round 1 " in times and f"s ({DEVICES} trained), round 2 " in times, times
 
 
 def test_a_stranger_with_the_ca_certificate_cannot_steer_the_deployment(deployment_run):
@@ -205,14 +220,26 @@ def test_unregistered_supernodes_and_clients_without_the_ca_are_refused(deployme
     assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in log
 
 
-def test_a_device_dropping_out_is_counted_and_the_run_goes_on(deployment_run):
+def test_a_device_dropping_out_after_sharing_its_keys_is_recovered(deployment_run):
     r = deployment_run
     assert r.get("killed"), "device 2 was never stopped"
     client = mlflow.MlflowClient(r["uri"])
     run = client.search_runs([client.get_experiment_by_name("fedface-deploy").experiment_id])[0]
     failed = _metric_steps(client, run.info.run_id, K.DEVICES_FAILED)
     trained = _metric_steps(client, run.info.run_id, K.DEVICES_TRAINED)
-    assert failed[1] == 0 and failed[2] == 1 and trained[2] == 2
+    assert failed[1] == 0 and trained[1] == DEVICES
+    assert failed[2] == 1 and trained[2] == DEVICES - 1
+    # Secure aggregation ran and finished both rounds (the metric exists only under
+    # it): round 2's sum was unmasked without the killed device's masked update.
+    assert _metric_steps(client, run.info.run_id, K.SECAGG_ABANDONED) == {1: 0.0, 2: 0.0}
+    logs = r["device_logs"]
+    victim = logs.pop("device-00002")
+    # it set up and shared its keys in both rounds, and answered only round 1's training
+    assert victim.count("Sending: query.secagg_setup message") == 2
+    assert victim.count("Sending: query.secagg_share_keys message") == 2
+    assert victim.count("Sending: train message") == 1, victim[-3000:]
+    for name, log in logs.items():  # the survivors' shares unmasked both rounds' sums
+        assert log.count("Sending: query.secagg_unmask message") == 2, (name, log[-3000:])
 
 
 def test_ledgers_live_on_the_devices_disks_and_nothing_is_left_running(deployment_run):
