@@ -37,6 +37,39 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     return uri
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_schema_from_a_template(tmp_path_factory):
+    """Every test's fresh SQLite MLflow store starts as a copy of one store that MLflow
+    migrated itself, once per test worker. MLflow 3 runs its ~100 Alembic migrations on
+    each new database (3-8 s each; the suite makes ~35); the copy is byte-for-byte what
+    those migrations produce, and the store is otherwise untouched. Processes that tests
+    start (``experiments.train`` in a subprocess) migrate as a user's would."""
+    import sqlite3
+
+    import mlflow.store.db.utils as db_utils
+    import sqlalchemy
+
+    migrate = db_utils._initialize_tables
+    template = tmp_path_factory.mktemp("mlflow-schema") / "migrated.db"
+    engine = sqlalchemy.create_engine(f"sqlite:///{template}")
+    migrate(engine)
+    engine.dispose()
+
+    def copy_the_template(engine):
+        if engine.url.get_backend_name() != "sqlite" or engine.url.database in (None, "", ":memory:"):
+            return migrate(engine)
+        target = engine.raw_connection()
+        try:
+            with sqlite3.connect(template) as source:
+                source.backup(target.driver_connection)
+        finally:
+            target.close()
+
+    db_utils._initialize_tables = copy_the_template
+    yield
+    db_utils._initialize_tables = migrate
+
+
 def pytest_configure(config):
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # The evaluation's attribute net (fl.attributes) is cached by config hash; tests
