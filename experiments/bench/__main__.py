@@ -28,7 +28,7 @@ BENCHES = {"renderer": renderer.run, "local_step": local_step.run, "fleet": flee
            "tracking_overhead": tracking_overhead.run, "poisoning": poisoning.run,
            "import_time": import_time.run, "fleet_scale": fleet_scale.run,
            "fleet_100k": fleet_scale.run_100k, "secagg": secagg.run,
-           "secagg_quality": secagg.run_quality}
+           "secagg_quality": secagg.run_quality, "secagg_stages": secagg.run_stages}
 
 
 def main(names: list[str]) -> None:

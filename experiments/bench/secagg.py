@@ -189,3 +189,43 @@ def run_quality(overrides: list[str] | None = None) -> list[dict]:
     keys = [k for k in arms[False] if k in arms[True]]
     return [{"key": k, "secure=false": arms[False][k], "secure=true": arms[True][k],
              "difference": arms[True][k] - arms[False][k]} for k in keys]
+
+
+STAGES_OVERRIDES: list[str] = ["tracking.samples_every=0", "fleet.rounds=4"]
+
+
+def run_stages(overrides: list[str] | None = None) -> list[dict]:
+    """A secure round end to end against a plain one: the default experiment cut to
+    4 rounds, plain then secure back to back, with the wall time of every exchange
+    (each SecAgg stage, training, evaluation) and the median round."""
+    from server import secure_aggregation
+    from server.transport import Transport
+
+    timings: list[tuple[str, int, float]] = []
+
+    def timed(function):
+        def wrapper(first, messages, *rest):  # exchange(transport, ...), send(self, ...)
+            messages = list(messages)
+            start = time.time()
+            out = function(first, messages, *rest)
+            kind = messages[0].metadata.message_type if messages else "-"
+            timings.append((kind, len(messages), time.time() - start))
+            return out
+        return wrapper
+
+    exchange, send = secure_aggregation.exchange, Transport.send
+    secure_aggregation.exchange, Transport.send = timed(exchange), timed(send)
+    arms = {}
+    try:
+        for secure in (False, True):
+            timings.clear()
+            arm = _quality_arm(secure, STAGES_OVERRIDES if overrides is None else overrides)
+            arms[secure] = (arm["median round s"], list(timings))
+            print(secure, arms[secure], flush=True)
+    finally:
+        secure_aggregation.exchange, Transport.send = exchange, send
+    kinds = sorted({kind for _, timed_ in arms.values() for kind, _, _ in timed_})
+    return [{"aggregation.secure": secure, "median round s": median_round}
+            | {f"{kind} s": statistics.median([t for k, _, t in timed_ if k == kind]
+                                              or [float("nan")]) for kind in kinds}
+            for secure, (median_round, timed_) in arms.items()]
