@@ -1,7 +1,8 @@
 """Secure aggregation's cost: ``python -m experiments.bench secagg`` (the round's
 overhead against plain aggregation and the bytes per device, at 10 and 100 devices
-per round) and ``secagg_quality`` (the default experiment with and without
-``aggregation.secure``).
+per round), ``secagg_quality`` (the default experiment with and without
+``aggregation.secure``) and ``secagg_stages`` (the same cut to 4 rounds, each
+exchange of a round timed: the end-to-end overhead in a simulation).
 
 ``secagg``: one round in one process over the real code paths, secure and plain
 over the same devices and updates: the server's stages of
