@@ -10,7 +10,9 @@ ServerApp, Ray's GCS and raylet, every Ray worker) twice a second:
 * ``peak_rss_gib``: the largest sum of RSS over the tree (shared pages, e.g.
   torch's libraries, count once per process: an upper bound);
 * ``peak_pss_gib``: the same with PSS (each shared page split between the
-  processes that map it: what the tree really holds).
+  processes that map it: what the tree really holds);
+* ``trained``: each round's "trained n/k" (devices that replied with an update, of
+  those sent one): a run whose devices all errored measures no training.
 
 The pretrained model (a short pretraining: ``SHORT_PRETRAIN``) is cached before
 the clock starts, as a second run finds it.
@@ -99,6 +101,7 @@ def _launch(num_devices: int, devices_per_round: int, rounds: int, overrides: li
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    env=env, cwd=os.getcwd())
         rounds_at: dict[int, float] = {}
+        trained: dict[int, str] = {}
         lines: list[str] = []
         crashes: list[str] = []
 
@@ -109,7 +112,10 @@ def _launch(num_devices: int, devices_per_round: int, rounds: int, overrides: li
                     crashes.append(line)
                 words = line.split()
                 if len(words) > 1 and words[0] == "round" and "/" in words[1]:
-                    rounds_at[int(words[1].split("/")[0])] = time.perf_counter() - start
+                    rnd = int(words[1].split("/")[0])
+                    rounds_at[rnd] = time.perf_counter() - start
+                    if "trained" in words:  # "round 1/2  trained 9/10 ...": replies, not errors
+                        trained[rnd] = words[words.index("trained") + 1]
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
@@ -139,14 +145,15 @@ def _launch(num_devices: int, devices_per_round: int, rounds: int, overrides: li
             "launch_to_round0_s": rounds_at.get(0, float("nan")),
             "launch_to_round1_s": rounds_at[1], "total_s": total,
             "peak_rss_gib": peak_rss / 2**20, "peak_pss_gib": peak_pss / 2**20,
-            "processes": processes}
+            "processes": processes,
+            "trained": " ".join(f"r{r}: {t}" for r, t in sorted(trained.items()))}
 
 
 def run() -> list[dict]:
     """Start-up at 100 and 10,000 devices (10 a round, 1 round)."""
     rows = [measure(n, 10, 1) for n in (100, 10_000)]
     ratio = {key: float("nan") for key in rows[0]} | {
-        "devices": "10,000 / 100", "per_round": "", "rounds": "", "processes": "",
+        "devices": "10,000 / 100", "per_round": "", "rounds": "", "processes": "", "trained": "",
         "launch_to_round1_s": rows[1]["launch_to_round1_s"] / rows[0]["launch_to_round1_s"]}
     return [*rows, ratio]
 
