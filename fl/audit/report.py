@@ -14,8 +14,9 @@ from typing import Any
 from fl.tracking import keys as K
 
 PHOTO_ADVERSARY = ("the server, which sees each device's update: scores each canary photo by "
-                   "the cosine between the update and minus the canary's gradient at the "
-                   "weights it sent, summed over the device's rounds")
+                   "its least-squares share of the unit update among minus the gradients, at "
+                   "the weights it sent, of the device's canaries and of public faces "
+                   "(presence), or by its loss drop, summed over the device's rounds")
 USER_ADVERSARY = ("anyone who sees the released models: the cosine between each canary "
                   "user's direction and the final model change, against directions never "
                   "inserted")
