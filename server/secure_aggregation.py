@@ -126,6 +126,12 @@ class SecureAggregation:
             finally:
                 self._reject_bad_shares(rnd, r)
         except Abandoned as err:
+            if r is not None and r.unmasked and r.params.noise_multiplier > 0:
+                # The server decoded the noised sum before it was found out of range: it
+                # saw one more output of the mechanism, so the accountant composes it.
+                self._release.released += 1
+                self.log(f"round {rnd}: its noised sum was decoded before it was abandoned; "
+                         "the round is counted in user-level epsilon")
             return self._abandon(rnd, shared, str(err))
         p = r.params
         summed = SecureSum({k: torch.from_numpy(v).reshape(shared[k].shape)

@@ -74,6 +74,7 @@ class Round:
         self.shares: dict[int, dict[int, bytes]] = {}  # owner -> holder -> share
         self.asked: dict[int, tuple[list[int], list[int]]] = {}
         self.bad_shares: dict[int, str] = {}  # holder -> why its unmask reply is rejected
+        self.unmasked = False  # the sum was decoded (seen by the server), even if abandoned
 
     # --- requests -------------------------------------------------------------
     def setup_request(self) -> dict:
@@ -238,6 +239,9 @@ class Round:
                                                    partner, p.dimension)
         total = np.mod(total, p.mod_range)
         count = len(self.masked)
+        # From here the server holds the decoded (noised, under distributed noise) sum,
+        # whether or not the range check below passes: the caller accounts for it.
+        self.unmasked = True
         if total.size and int(total.max()) > sum_bound(count, p.target_range):
             raise Abandoned("the unmasked sum is outside what honest devices can send: a "
                             "device sent an out-of-range value")

@@ -120,3 +120,41 @@ def test_the_noise_share_ignores_every_seed_a_run_sets():
     b = device_noise.gaussian(1000, 1.0)
     assert not np.allclose(a, b)
     assert np.corrcoef(a, b)[0, 1] < 0.2
+
+
+@pytest.mark.usefixtures("_server_identity")
+@pytest.mark.parametrize("noise_at", ["devices", "server"])
+def test_a_noised_sum_decoded_then_abandoned_is_still_accounted(noise_at):
+    """A hostile device adds half the field to its masked vector: the server
+    decodes the sum, finds it out of range and abandons the round. Under device
+    noise it has seen one output of the mechanism (the sum plus the survivors'
+    noise), so the accountant must compose it: before the fix the ledger's
+    epsilon stayed at zero rounds while the server held a noised sum. Under the
+    server's noise nothing was noised, nothing is counted (its trust assumption)."""
+    from flwr.app import Array
+
+    nodes = [7, 8, 9, 10, 11]
+
+    def hostile(node, reply):
+        if node == 9 and S.MASKED in reply.content:
+            vector = reply.content[S.MASKED][S.MASKED].numpy()
+            shifted = np.mod(vector + S.MOD_RANGE // 2, S.MOD_RANGE).astype(vector.dtype)
+            reply.content[S.MASKED] = ArrayRecord({S.MASKED: Array(shifted)})
+        return reply
+
+    updates = {n: {"decoder.w": torch.zeros(60, 100)} for n in nodes}
+    fleet = FakeFleet(updates, tamper={S.TRAIN: hostile})
+    release, logged = _release(noise_at), []
+    agg = SecureAggregation(Transport(fleet, ArrayRecord({}), 0.3, lambda *a: None), release,
+                            num_shares=1.0, threshold=0.75, log=logged.append)
+    shared = {"encoder.w": torch.ones(3), "decoder.w": torch.zeros(60, 100)}
+    replies = agg.collect(1, train_messages(shared, nodes), {n: n for n in nodes})
+    released = agg.release(1, shared, reports(replies))
+    assert not released.accepted and agg.round.unmasked
+    assert torch.equal(released.state["decoder.w"], shared["decoder.w"])
+    assert any("outside what honest devices" in line for line in logged)
+    if noise_at == "devices":
+        assert release.released == 1
+        assert released.metrics["privacy/user_eps"] > 0
+    else:
+        assert release.released == 0
