@@ -223,8 +223,10 @@ SERVER_NOISE_TRUST = "The server is trusted to add the user-level noise."
 DEVICE_TRUST = ("The server is trusted to sample devices as accounted; devices are trusted "
                 "to run DP-SGD as instructed and to enforce their own budget.")
 DEVICE_NOISE_TRUST = (
-    "The server is trusted to sample devices as accounted; devices are trusted to run "
-    "DP-SGD as instructed, to enforce their own budget and to add their share of the "
+    "The server is trusted to sample devices as accounted and to tell the devices the "
+    "accounted sigma and threshold (they check neither against the run's plan); devices are "
+    "trusted to run DP-SGD as instructed, to enforce their own budget and to add their share "
+    "of the "
     "user-level noise (privacy.user.noise_at=devices: each adds N(0, (sigma C)^2 / t) "
     "from its OS's CSPRNG before masking, t the threshold, so the server never sees the "
     "noiseless sum; a sum of fewer than t is never released, and a device that skips its "

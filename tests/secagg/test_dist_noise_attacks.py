@@ -158,3 +158,15 @@ def test_a_noised_sum_decoded_then_abandoned_is_still_accounted(noise_at):
         assert released.metrics["privacy/user_eps"] > 0
     else:
         assert release.released == 0
+
+
+def test_the_report_says_the_server_still_tells_devices_sigma():
+    """Devices take sigma and t from the server's setup message (they only check
+    sigma >= 0): the report must not claim the noise needs no trust in the server."""
+    from fl.config import compose
+    from fl.privacy.plan import privacy_plan
+    from fl.tracking.privacy_report import report
+
+    plan = privacy_plan(compose(["aggregation.secure=true", "privacy.user.noise_at=devices"]))
+    trust = report(plan, {1: {"fleet/secagg_abandoned": 0.0}})["trust_assumptions"]
+    assert any("tell the devices the accounted sigma and threshold" in t for t in trust)
