@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m experiments.train
+	$(PY) -m experiments.train tracking.samples_copy=docs/img/default_run.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist worksteal

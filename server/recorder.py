@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fl.atomic import atomic_write
 from fl.data.fleet import FleetSpec
 from fl.tasks.base import Task
 from fl.tracking.mlflow_run import RunLogger
@@ -35,6 +36,7 @@ class RoundRecorder:
         self.personal_init, self.progress, self.log = personal_init, progress, log
         self.rounds = int(cfg.fleet.rounds)
         self.samples_every = int(cfg.tracking.samples_every)
+        self.samples_copy = cfg.tracking.get("samples_copy")  # a path, or None
         self.path = local_checkpoint(cfg, logger.run_id)
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         self.sampled: set[int] = set()
@@ -60,6 +62,9 @@ class RoundRecorder:
                             int(self.cfg.fleet.newuser_steps), int(self.cfg.seed))
         self.logger.log_image(image, f"samples/round_{rnd:04d}.png")
         self.sampled.add(rnd)
+        if self.samples_copy:  # the README's picture: `make run` keeps it current
+            atomic_write(self.samples_copy, lambda path: image.save(path, format="PNG",
+                                                                     optimize=True))
 
     def final_samples(self, last_round: int, shared: dict[str, torch.Tensor]) -> None:
         """A run that stopped early still ends with a grid of its final model."""

@@ -9,12 +9,14 @@ trained twice, and its reported epsilon must cover both participations.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from PIL import Image
 
 from fl import protocol as P
 from fl.config import compose, fleet_spec, task_params
@@ -64,7 +66,8 @@ def finished_run(tiny_overrides, tmp_path_factory):
     overrides = [o for o in tiny_overrides if not o.startswith("fleet.rounds")]
     overrides += ["fleet.rounds=3", "privacy=photo_user", "fleet.sampling=poisson",
                   "privacy.photo.delta=1e-3", f"tracking.uri={uri}",
-                  "tracking.samples_every=2", "tracking.register_model=fedface-e2e"]
+                  "tracking.samples_every=2", "tracking.register_model=fedface-e2e",
+                  f"tracking.samples_copy={tmp / 'readme' / 'grid.png'}"]
     budget = _user_budget_admitting_two_rounds(overrides)
     cfg = compose(overrides + [f"privacy.user.budget_epsilon={budget}"])
     recorder = {}
@@ -149,6 +152,11 @@ def test_model_samples_system_figure_and_checkpoint_are_in_mlflow(finished_run):
     # stopped by the user budget after round 2: samples at 0, every 2, and the end
     assert {a.path for a in client.list_artifacts(summary.run_id, "samples")} == {
         "samples/round_0000.png", "samples/round_0002.png"}
+    # tracking.samples_copy keeps the last grid on disk (the README's picture)
+    last = client.download_artifacts(summary.run_id, "samples/round_0002.png")
+    copy = Path(cfg.tracking.samples_copy)
+    assert np.array_equal(np.asarray(Image.open(copy)), np.asarray(Image.open(last)))
+    assert not list(copy.parent.glob(".*.tmp"))
     assert {a.path for a in client.list_artifacts(summary.run_id, "system")} == {
         "system/rounds.png"}
     assert {a.path for a in client.list_artifacts(summary.run_id, "checkpoint")} == {
