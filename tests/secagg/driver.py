@@ -4,9 +4,26 @@ devices of ``fl.secagg.device`` (no Flower): the protocol tests' driver."""
 from __future__ import annotations
 
 import numpy as np
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
+    decrypt,
+    encrypt,
+    generate_shared_key,
+)
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
 
 from fl.protocol import MalformedReply
 from fl.secagg import device as D
+from fl.secagg import masks
 from fl.secagg import params as S
 from fl.secagg.server import Round
 
@@ -85,3 +102,35 @@ def _check(server, live, who):
     why = server.short_of_threshold(live, who)
     if why:
         raise Abandoned(why)
+
+
+def substituted_keys_attack(p: S.Params, update: np.ndarray) -> np.ndarray:
+    """The key-substitution attack (no PKI of device keys): the server puts its own
+    keys in device 10's share_keys request for all its neighbours 11-14, so 10
+    encrypts every share to the server; the server rebuilds 10's seed, forges
+    neighbour shares so that 10 trains, and knows every pairwise key. Returns 10's
+    masked vector with every mask removed (mod M), ready to decode."""
+    x, others = 10, [11, 12, 13, 14]
+    session, reply = D.setup(x, p)
+    fake = {v: (generate_key_pairs(), generate_key_pairs()) for v in others}
+
+    def pk(pair):
+        return public_key_to_bytes(pair[1])
+    reply = D.share_keys(session, [x, *others], [reply[S.PK1]] + [pk(fake[v][0]) for v in others],
+                         [reply[S.PK2]] + [pk(fake[v][1]) for v in others])
+    seed_shares = []
+    for dst, c in zip(reply[S.DESTINATIONS], reply[S.CIPHERTEXTS], strict=True):
+        key = generate_shared_key(fake[dst][1][0], bytes_to_public_key(session.pk2))
+        seed_shares.append(share_keys_plaintext_separate(decrypt(key, c))[2])
+    seed = combine_shares(seed_shares[:p.threshold])
+    sources, ciphertexts = others[:p.threshold - 1], []
+    for v in sources:
+        key = generate_shared_key(fake[v][1][0], bytes_to_public_key(session.pk2))
+        ciphertexts.append(encrypt(key, share_keys_plaintext_concat(v, x, b"\0" * 36,
+                                                                    b"\0" * 36)))
+    D.receive_shares(session, sources, ciphertexts)
+    y = D.mask(session, update) - masks.stream(seed, p.dimension)
+    for v in sources:
+        y = y + masks.pairwise(private_key_to_bytes(fake[v][0][0]), v, session.pk1, x,
+                               p.dimension)
+    return np.mod(y, p.mod_range)

@@ -21,22 +21,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
-    decrypt,
-    encrypt,
-    generate_shared_key,
-)
-from flwr.common.secure_aggregation.secaggplus_utils import (
-    share_keys_plaintext_concat,
-    share_keys_plaintext_separate,
-)
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_public_key,
-    generate_key_pairs,
-    private_key_to_bytes,
-    public_key_to_bytes,
-)
 
 from experiments.bench.secagg_fleet import FakeFleet, reports, train_messages
 from fl.config import ConfigError, compose, validate
@@ -44,7 +28,6 @@ from fl.privacy.plan import DEVICES, UserPlan, privacy_plan
 from fl.privacy.release import DeviceUpdate, DpFedAvgRelease, SecureSum
 from fl.privacy.user_level import UserMechanism
 from fl.secagg import device as D
-from fl.secagg import masks
 from fl.secagg import noise as device_noise
 from fl.secagg import params as S
 from fl.secagg.quantize import decode_sum, step
@@ -53,7 +36,7 @@ from fl.tracking import keys as K
 from fl.tracking.privacy_report import report
 from server.secure_aggregation import SecureAggregation
 from server.transport import Transport
-from tests.secagg.driver import play
+from tests.secagg.driver import play, substituted_keys_attack
 
 SIGMA, CLIP, DIM = 1.0, 0.5, 6000
 THRESHOLD = 0.75
@@ -155,31 +138,9 @@ def test_a_deviating_server_reads_an_update_only_under_its_noise_share():
     distributed noise, test_limits) now yields the update plus that device's own
     noise share, std sigma C / sqrt(t): the server never sees a noiseless update."""
     p = _params(5)
-    x, others = 10, [11, 12, 13, 14]
-    update = _updates([x], seed=5)[x]
-    session, reply = D.setup(x, p)
-    fake = {v: (generate_key_pairs(), generate_key_pairs()) for v in others}
-
-    def pk(pair):
-        return public_key_to_bytes(pair[1])
-    reply = D.share_keys(session, [x, *others], [reply[S.PK1]] + [pk(fake[v][0]) for v in others],
-                         [reply[S.PK2]] + [pk(fake[v][1]) for v in others])
-    seed_shares = []
-    for dst, c in zip(reply[S.DESTINATIONS], reply[S.CIPHERTEXTS], strict=True):
-        key = generate_shared_key(fake[dst][1][0], bytes_to_public_key(session.pk2))
-        seed_shares.append(share_keys_plaintext_separate(decrypt(key, c))[2])
-    seed = combine_shares(seed_shares[:p.threshold])
-    sources, ciphertexts = others[:p.threshold - 1], []
-    for v in sources:
-        key = generate_shared_key(fake[v][1][0], bytes_to_public_key(session.pk2))
-        ciphertexts.append(encrypt(key, share_keys_plaintext_concat(v, x, b"\0" * 36,
-                                                                    b"\0" * 36)))
-    D.receive_shares(session, sources, ciphertexts)
-    y = D.mask(session, update) - masks.stream(seed, p.dimension)
-    for v in sources:
-        y = y + masks.pairwise(private_key_to_bytes(fake[v][0][0]), v, session.pk1, x,
-                               p.dimension)
-    recovered = decode_sum(np.mod(y, p.mod_range), 1, p.quantization_range, p.target_range)
+    update = _updates([10], seed=5)[10]
+    recovered = decode_sum(substituted_keys_attack(p, update), 1, p.quantization_range,
+                           p.target_range)
     assert _std_close(recovered - update, SIGMA * CLIP / math.sqrt(p.threshold))
 
 

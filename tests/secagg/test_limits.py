@@ -21,28 +21,13 @@ import dataclasses
 import numpy as np
 import pytest
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
-    decrypt,
-    encrypt,
-    generate_shared_key,
-)
-from flwr.common.secure_aggregation.secaggplus_utils import (
-    share_keys_plaintext_concat,
-    share_keys_plaintext_separate,
-)
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_public_key,
-    generate_key_pairs,
-    private_key_to_bytes,
-    public_key_to_bytes,
-)
 
 from fl.secagg import device as D
 from fl.secagg import masks
 from fl.secagg import params as S
 from fl.secagg.quantize import decode_sum
 from fl.secagg.server import Abandoned
-from tests.secagg.driver import params, play
+from tests.secagg.driver import params, play, substituted_keys_attack
 
 NEW_DEFAULT = 0.75  # configs/config.yaml aggregation.threshold
 
@@ -113,31 +98,8 @@ def test_substituted_keys_recover_an_update_at_any_threshold():
     to the server. At the new default threshold too, the server rebuilds 10's seed,
     forges neighbour shares so it trains, and knows every pairwise key."""
     p = params(5, sizes=(6,), clip=1.0, threshold=NEW_DEFAULT)
-    x, others = 10, [11, 12, 13, 14]
     update = np.random.default_rng(1).normal(size=6) * 0.1
-    session, reply = D.setup(x, p)
-    fake = {v: (generate_key_pairs(), generate_key_pairs()) for v in others}
-
-    def pk(pair):
-        return public_key_to_bytes(pair[1])
-    reply = D.share_keys(session, [x, *others], [reply[S.PK1]] + [pk(fake[v][0]) for v in others],
-                         [reply[S.PK2]] + [pk(fake[v][1]) for v in others])
-    seed_shares = []
-    for dst, c in zip(reply[S.DESTINATIONS], reply[S.CIPHERTEXTS], strict=True):
-        key = generate_shared_key(fake[dst][1][0], bytes_to_public_key(session.pk2))
-        seed_shares.append(share_keys_plaintext_separate(decrypt(key, c))[2])
-    seed = combine_shares(seed_shares[:p.threshold])
-    sources, ciphertexts = others[:p.threshold - 1], []
-    for v in sources:
-        key = generate_shared_key(fake[v][1][0], bytes_to_public_key(session.pk2))
-        ciphertexts.append(encrypt(key, share_keys_plaintext_concat(v, x, b"\0" * 36,
-                                                                    b"\0" * 36)))
-    D.receive_shares(session, sources, ciphertexts)
-    y = D.mask(session, update) - masks.stream(seed, p.dimension)
-    for v in sources:
-        y = y + masks.pairwise(private_key_to_bytes(fake[v][0][0]), v, session.pk1, x,
-                               p.dimension)
-    recovered = decode_sum(np.mod(y, p.mod_range), 1, p.clip, p.target_range)
+    recovered = decode_sum(substituted_keys_attack(p, update), 1, p.clip, p.target_range)
     assert np.abs(recovered - update).max() < 1e-6
 
 
