@@ -92,6 +92,11 @@ def validate(cfg: DictConfig) -> None:
     if u.enabled:
         _validate_noise("privacy.user", u)
         _require(u.clip > 0, "privacy.user.clip", u.clip, "positive")
+        trains = cfg.task.get("device_trains", None)
+        _require(trains is None or len(trains) > 0, "task.device_trains", "[]",
+                 "at least one shared module while privacy.user is on: devices that train "
+                 "only their personal part send no update for DP-FedAvg to protect; use "
+                 "privacy=photo for personal-only training")
         simulated = bool(u.simulated_population or u.simulated_cohort_size)
         if simulated:
             _require(1 <= u.simulated_cohort_size <= u.simulated_population,
@@ -247,6 +252,7 @@ NUMBERS: tuple[tuple[str, bool, float, float, bool], ...] = (
     ("fleet.unavailable_after", True, 0, INF, True),
     ("fleet.retry_after", True, 1, INF, True),
     ("local.epochs", False, 0, INF, False),
+    ("local.personal_epochs", False, 0, INF, True),
     ("local.batch_size", True, 1, INF, True),
     ("local.lr_shared", False, 0, INF, True),
     ("local.lr_personal", False, 0, INF, True),
@@ -447,7 +453,8 @@ def recipe(cfg: DictConfig, photo: PhotoPlan) -> Recipe:
     """The round instructions for devices, with the *resolved* photo-level plan."""
     loc = cfg.local
     share, faults = fault_settings(cfg)
-    return Recipe(local_epochs=float(loc.epochs), batch_size=int(loc.batch_size),
+    return Recipe(local_epochs=float(loc.epochs), personal_epochs=float(loc.personal_epochs),
+                  batch_size=int(loc.batch_size),
                   lr_shared=float(loc.lr_shared), lr_personal=float(loc.lr_personal),
                   personal_lr_decay=bool(loc.personal_lr_decay), optimizer=str(loc.optimizer),
                   photo_dp=photo.enabled, noise_multiplier=photo.noise_multiplier,

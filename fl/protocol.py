@@ -51,6 +51,7 @@ class Recipe:
     """What the server asks a device to do in one round."""
 
     local_epochs: float = 2.0
+    personal_epochs: float = 0.0  # >0: fit the personal part alone first (clients.trainer.phases)
     batch_size: int = 8
     lr_shared: float = 0.05
     lr_personal: float = 10.0

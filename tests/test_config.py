@@ -132,21 +132,32 @@ def test_photo_target_epsilon_is_also_the_device_budget():
     assert plan.photo.noise_multiplier > 0
 
 
-def test_calibrated_photo_noise_reaches_the_target_by_an_independent_accountant():
+@pytest.mark.parametrize("schedule, steps", [
+    (["local.personal_epochs=0", "local.epochs=2"], 6),   # one joint phase: 2 x 3 steps
+    (["local.personal_epochs=5", "local.epochs=1"], 18),  # personal 5 x 3, then shared 1 x 3
+])
+def test_calibrated_photo_noise_reaches_the_target_by_an_independent_accountant(
+        schedule, steps):
     """The calibration (Opacus) checked with dp-accounting for the schedule it plans:
-    the fewest photos (20, batch 8 -> q = 1/3, 6 steps a round) over ceil(20*10/100)
-    = 2 participations."""
+    the fewest photos (20, batch 8 -> q = 1/3, 3 batches an epoch) over
+    ceil(20*10/100) = 2 participations, each of the steps of all its phases."""
     import dp_accounting as dpa
 
     from fl.privacy.plan import privacy_plan
 
     plan = privacy_plan(compose(["privacy.photo.noise_multiplier=null",
-                                 "privacy.photo.target_epsilon=5"]))
+                                 "privacy.photo.target_epsilon=5", *schedule]))
     reference = dpa.rdp.RdpAccountant()
     reference.compose(dpa.SelfComposedDpEvent(
         dpa.PoissonSampledDpEvent(1 / 3, dpa.GaussianDpEvent(plan.photo.noise_multiplier)),
-        12))
+        2 * steps))
     assert 0.95 * 5 <= reference.get_epsilon(plan.photo.delta) <= 5 * 1.02
+
+
+def test_personal_only_training_cannot_claim_user_level_dp():
+    with pytest.raises(ConfigError, match=r"task\.device_trains.*privacy=photo"):
+        validate(compose(["task.device_trains=[]"]))
+    validate(compose(["task.device_trains=[]", "privacy=photo"]))
 
 
 @pytest.fixture(scope="module")

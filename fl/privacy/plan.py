@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 from opacus.accountants.utils import get_noise_multiplier
 
+from fl.privacy.steps import opacus_batches, steps_per_participation
 from fl.privacy.user_level import UserMechanism, calibrate
 
 # privacy.user.noise_at: who adds the user-level Gaussian noise. ``server``: to the
@@ -126,14 +127,6 @@ def default_delta(units: int) -> float:
     return 0.1 / max(units, 1)
 
 
-def opacus_batches(photos: int, batch_size: int) -> int:
-    """Batches per epoch as Opacus' DPDataLoader counts them, int(1 / (1 / ceil(n/B))):
-    its sample rate is one over this (one less than ceil(n/B) for some n, e.g. 737
-    to 744 photos at batch 8, through floating-point rounding). The device trains
-    and accounts at exactly this rate (``clients.trainer``)."""
-    return int(1 / (1 / math.ceil(photos / batch_size)))
-
-
 def planned_participations(cfg: DictConfig) -> int:
     """Expected rounds a device trains in (used to calibrate photo-level noise)."""
     f = cfg.fleet
@@ -151,7 +144,10 @@ def photo_plan(cfg: DictConfig) -> PhotoPlan:
         # Calibrate for the device that spends fastest: the fewest photos give the
         # highest Poisson rate.
         batches = opacus_batches(cfg.data.photos_min, cfg.local.batch_size)
-        steps = max(1, round(cfg.local.epochs * batches)) * planned_participations(cfg)
+        per_participation = steps_per_participation(
+            float(cfg.local.epochs), float(cfg.local.get("personal_epochs", 0.0)), batches,
+            trains_shared=bool(cfg.task.get("device_trains", True)))
+        steps = per_participation * planned_participations(cfg)
         noise = get_noise_multiplier(target_epsilon=float(target), target_delta=delta,
                                      sample_rate=1.0 / batches, steps=steps,
                                      accountant=p.accountant, epsilon_tolerance=0.005)

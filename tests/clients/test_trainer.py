@@ -262,3 +262,68 @@ def test_opacus_dp_warnings_inside_make_private_still_surface(setup, monkeypatch
     assert any("detected new dataset object" in m for m in messages)
     assert not any("Secure RNG turned off" in m for m in messages)
     assert warnings.filters == filters
+
+
+# --- the personal phase (local.personal_epochs) ---------------------------------------
+
+def _phased(recipe):
+    return dataclasses.replace(recipe, personal_epochs=2.0, local_epochs=1.0)
+
+
+def test_personal_then_shared_phase_is_accounted_as_one_participation_of_both(setup):
+    """12 photos at batch 4: rate 1/3, 3 batches an epoch; 2 personal epochs (6 steps)
+    then 1 shared epoch (3 steps) at one noise multiplier: one 9-step event per
+    participation, checked against the budget before either phase trains."""
+    task, model, photos, recipe = setup
+    ledger = PhotoLedger()
+    outcomes = [train_on_device(task, model, photos, _phased(recipe), ledger) for _ in range(2)]
+    assert [o.steps for o in outcomes] == [9, 9]
+    assert ledger.events == [(1.0, pytest.approx(1 / 3), 18)]
+    assert outcomes[-1].epsilon == pytest.approx(epsilon_of([(1.0, 1 / 3, 18)], 1e-3))
+
+
+def test_a_budget_that_admits_the_personal_phase_alone_admits_neither(setup):
+    task, model, photos, recipe = setup
+    personal_only = epsilon_of([(1.0, 1 / 3, 6)], 1e-3)
+    both = epsilon_of([(1.0, 1 / 3, 9)], 1e-3)
+    budget = dataclasses.replace(_phased(recipe), budget_epsilon=(personal_only + both) / 2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ledger = PhotoLedger()
+    assert train_on_device(task, model, photos, budget, ledger).status == BUDGET_EXHAUSTED
+    assert ledger.events == [] and ledger.participations == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_each_phase_moves_only_its_part_and_each_is_clipped(setup):
+    """Clip 1e-6 and (almost) no noise: each part can move at most its step size
+    times its own phase's steps times 1e-6 (6 personal, 3 shared), so each phase is
+    clipped DP-SGD over its own part only."""
+    task, model, photos, recipe = setup
+    tiny = dataclasses.replace(_phased(recipe), max_grad_norm=1e-6, noise_multiplier=1e-9)
+    personal0, shared0 = _personal(task, model), _device_trained(task, model)
+    outcome = train_on_device(task, model, photos, tiny, PhotoLedger())
+    personal_moved = _moved(personal0, _personal(task, model))
+    shared_moved = _moved(shared0, _device_trained(task, model))
+    assert outcome.status == TRAINED
+    assert 0 < personal_moved <= tiny.lr_personal * 6 * 1e-6 * 1.01
+    assert 0 < shared_moved <= tiny.lr_shared * 3 * 1e-6 * 1.01
+
+    # The shared phase does not touch the personal part: with no shared step size the
+    # personal part ends exactly where the personal phase alone leaves it.
+    a, b = task.build_model(32), task.build_model(32)
+    b.load_state_dict(a.state_dict())
+    no_shared = dataclasses.replace(_phased(recipe), lr_shared=0.0)
+    alone = dataclasses.replace(recipe, personal_epochs=2.0, local_epochs=1.0)
+    train_on_device(task, a, photos, no_shared, PhotoLedger(), dp_generator(recipe, 1, 1))
+    solo = get_task({"name": "swap", "width": 8, "device_trains": []})
+    train_on_device(solo, b, photos, alone, PhotoLedger(), dp_generator(recipe, 1, 1))
+    assert all(torch.equal(v, _personal(task, b)[k]) for k, v in _personal(task, a).items())
+
+
+def _device_trained(task, model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if task.is_device_trained(n)}
+
+
+def _moved(before, after):
+    return max((after[k] - v).abs().max().item() for k, v in before.items())
