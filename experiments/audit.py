@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fl.config import CONFIG_DIR, ConfigError, validate
@@ -28,6 +29,11 @@ def main(cfg: DictConfig) -> float:
     from fl.tracking.model_init import resolve_init
     from server.audit import check_auditable, log_audit, run_audit
 
+    given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    if "local.personal_epochs" not in given and cfg.local.personal_epochs > 0:
+        cfg.local.personal_epochs = 0.0  # the one phase the canary scores assume
+        print("audit: local.personal_epochs=0 (one joint phase of local.epochs; the photo "
+              "canaries are scored at the public personal part)", flush=True)
     try:
         if cfg.resume:
             raise ConfigError("the audit runs a fresh experiment; drop resume=")

@@ -315,6 +315,13 @@ def check_auditable(cfg: DictConfig) -> None:
     if cfg.faults.kinds:
         raise C.ConfigError("audit with faults.kinds=[] (simulated faulty devices would "
                             "be read as canary signal)")
+    if float(OmegaConf.select(cfg, "local.personal_epochs", default=0) or 0) > 0:
+        raise C.ConfigError(
+            "audit with local.personal_epochs=0: each canary photo is scored at the public "
+            "personal part, which a personal phase moves before the shared weights train "
+            "(a planted noise-off bug then went unseen). The one-phase recipe runs the same "
+            "DP-SGD at the same noise and clip; python -m experiments.audit sets it unless "
+            "you give it (docs/privacy.md, \"Empirical audit\")")
 
 
 def run_audit(cfg: DictConfig, log: Callable[[str], None] = say,

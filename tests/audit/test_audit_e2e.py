@@ -36,7 +36,7 @@ def test_a_planted_bug_is_flagged_in_mlflow(tiny_overrides, tmp_path):
     cfg = compose([o for o in tiny_overrides if not o.startswith(keep)] + [
         "fleet.num_devices=4", "fleet.devices_per_round=4", "fleet.rounds=1",
         "fleet.eval_devices=1", "fleet.newuser_identities=1", "fleet.newuser_steps=3",
-        "fleet.newuser_every=0", "local.batch_size=8", "privacy=photo",
+        "fleet.newuser_every=0", "local.batch_size=8", "local.personal_epochs=0", "privacy=photo",
         "privacy.photo.noise_multiplier=20.0", "privacy.photo.delta=1e-3",
         f"tracking.uri={uri}", "tracking.samples_every=0",
         "tracking.audit_canaries_per_device=7", "tracking.audit_user_canaries=0",

@@ -92,7 +92,8 @@ def test_enough_canary_users_are_expected_to_be_sampled_for_an_estimate():
 
 @pytest.mark.parametrize("override, reason", [
     ("data=device", "data=device"), ("aggregation.secure=true", "aggregation.secure=false"),
-    ("task=portrait", "task=swap")])
+    ("task=portrait", "task=swap"), ("faults=all", "faults.kinds=\\[\\]"),
+    ("local.personal_epochs=2", "local.personal_epochs=0")])
 def test_the_audit_refuses_what_it_must_not_audit(override, reason):
     with pytest.raises(ConfigError, match=reason):
         check_auditable(compose([override]))
