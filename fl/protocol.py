@@ -56,6 +56,7 @@ class Recipe:
     lr_shared: float = 0.05
     lr_personal: float = 10.0
     personal_lr_decay: bool = True  # divide lr_personal by the participation number
+    personal_lr_noise_scaled: bool = True  # and by the photo-level noise multiplier when above 1
     optimizer: str = "sgd"  # "sgd" | "adam" (see docs/privacy.md before choosing adam)
     photo_dp: bool = True
     noise_multiplier: float = 1.0

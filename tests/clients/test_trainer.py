@@ -96,6 +96,15 @@ def test_personal_step_size_decays_with_participations():
     assert personal_lr(dataclasses.replace(recipe, personal_lr_decay=False), 5) == 10.0
 
 
+def test_personal_step_size_is_divided_by_a_noise_multiplier_above_one():
+    noisy = Recipe(lr_personal=10.0, noise_multiplier=4.0, personal_lr_decay=False)
+    assert personal_lr(noisy, 0) == 2.5
+    assert personal_lr(dataclasses.replace(noisy, noise_multiplier=0.5), 0) == 10.0
+    assert personal_lr(dataclasses.replace(noisy, personal_lr_noise_scaled=False), 0) == 10.0
+    assert personal_lr(dataclasses.replace(noisy, photo_dp=False), 0) == 10.0
+    assert personal_lr(dataclasses.replace(noisy, personal_lr_decay=True), 1) == 1.25
+
+
 def test_participations_are_counted_without_dp_too(setup):
     task, model, photos, recipe = setup
     ledger = PhotoLedger()
