@@ -23,7 +23,8 @@ def tiny_overrides(tmp_path_factory) -> list[str]:
         "fleet.newuser_every=1", "data.num_public=8", "data.photos_min=10",
         "data.photos_max=12", "data.heldout_photos=3", "data.clip_length=3",
         "task.eval_clips=1", "task.width=8", "pretrain.steps=5", "pretrain.batch_size=4",
-        f"pretrain.cache_dir={cache}", "local.epochs=1", "local.batch_size=4",
+        f"pretrain.cache_dir={cache}", "local.epochs=1", "local.personal_epochs=1",
+        "local.batch_size=4",
         "privacy.photo.delta=1e-3", f"devices.storage_dir={devices}",
         f"checkpoint.dir={checkpoints}",
     ]

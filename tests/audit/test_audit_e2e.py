@@ -32,7 +32,8 @@ pytestmark = pytest.mark.slow
 
 def test_a_planted_bug_is_flagged_in_mlflow(tiny_overrides, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    keep = ("fleet.", "local.batch_size", "privacy.photo.delta", "fleet.rounds")
+    keep = ("fleet.", "local.batch_size", "local.personal_epochs", "privacy.photo.delta",
+            "fleet.rounds")
     cfg = compose([o for o in tiny_overrides if not o.startswith(keep)] + [
         "fleet.num_devices=4", "fleet.devices_per_round=4", "fleet.rounds=1",
         "fleet.eval_devices=1", "fleet.newuser_identities=1", "fleet.newuser_steps=3",

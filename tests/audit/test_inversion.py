@@ -55,7 +55,7 @@ def _invert(overrides: list[str]) -> INV.Inversion:
 
 @pytest.fixture(scope="module")
 def setting(tiny_overrides):
-    return [o for o in tiny_overrides if not o.startswith("local.batch_size")] \
+    return [o for o in tiny_overrides if not o.startswith(("local.batch_size", "local.personal_epochs"))] \
         + WHOLE_MODEL_ONE_PHOTO
 
 

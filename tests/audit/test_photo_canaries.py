@@ -104,7 +104,7 @@ def base(tiny_overrides):
     # calibrated on (theory < 1 at noise 8 after one epoch). The default personal
     # phase adds its epochs to the theory and moves the personal part away from the
     # public one the scores are computed at (docs/privacy.md, "Empirical audit").
-    return [o for o in tiny_overrides if not o.startswith(("local.batch_size", "fleet.num"))] \
+    return [o for o in tiny_overrides if not o.startswith(("local.batch_size", "fleet.num", "local.personal_epochs"))] \
         + ["local.batch_size=8", "fleet.num_devices=8", "privacy.photo.delta=1e-3",
            "local.personal_epochs=0"]
 

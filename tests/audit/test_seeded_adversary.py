@@ -77,7 +77,7 @@ def _denoised(task, spec, r, start_state, update, keys, counts):
 
 
 def test_an_adversary_that_knows_the_seed_beats_the_theory(tiny_overrides):
-    base = [o for o in tiny_overrides if not o.startswith(("local.batch_size", "fleet.num"))] \
+    base = [o for o in tiny_overrides if not o.startswith(("local.batch_size", "fleet.num", "local.personal_epochs"))] \
         + ["local.batch_size=8", "fleet.num_devices=8", "privacy=photo",
            "privacy.photo.noise_multiplier=8.0", "privacy.noise=seeded",
            "local.personal_epochs=0"]  # the one-phase game of test_photo_canaries' ``base``
