@@ -11,6 +11,12 @@ import torch
 torch.set_num_threads(1)
 
 
+# Both training phases, sized so that a participation at 10-12 photos and batch 4 (3
+# batches) takes 1 + 2 = 3 steps, as the one-epoch joint phase the end-to-end tests
+# were measured with did: their budgets bind and their rounds last as before.
+TINY_PHASES = ("local.personal_epochs=0.34", "local.epochs=0.67")
+
+
 @pytest.fixture(scope="session")
 def tiny_overrides(tmp_path_factory) -> list[str]:
     """Hydra overrides for a fleet small enough to simulate in seconds."""
@@ -23,8 +29,7 @@ def tiny_overrides(tmp_path_factory) -> list[str]:
         "fleet.newuser_every=1", "data.num_public=8", "data.photos_min=10",
         "data.photos_max=12", "data.heldout_photos=3", "data.clip_length=3",
         "task.eval_clips=1", "task.width=8", "pretrain.steps=5", "pretrain.batch_size=4",
-        f"pretrain.cache_dir={cache}", "local.epochs=1", "local.personal_epochs=1",
-        "local.batch_size=4",
+        f"pretrain.cache_dir={cache}", *TINY_PHASES, "local.batch_size=4",
         "privacy.photo.delta=1e-3", f"devices.storage_dir={devices}",
         f"checkpoint.dir={checkpoints}",
     ]

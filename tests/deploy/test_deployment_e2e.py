@@ -40,6 +40,7 @@ from experiments.deploy_demo import (
 )
 from experiments.flwr_local import flwr_env, flwr_run_command, run_overrides
 from fl.config import compose
+from tests.conftest import TINY_PHASES
 from fl.deploy.gateway import REFUSED
 from fl.tracking import keys as K
 from server.simulation import simulate
@@ -56,7 +57,7 @@ FLEET = ["aggregation.secure=true", f"fleet.num_devices={DEVICES}",
          f"fleet.devices_per_round={DEVICES}", "fleet.eval_devices=1", "fleet.rounds=1"]
 TINY = ["task.width=8", "pretrain.steps=5", "pretrain.batch_size=4", "data.num_public=8",
         "data.clip_length=3", "task.eval_clips=1", "fleet.newuser_identities=1",
-        "fleet.newuser_steps=3", "local.epochs=1", "local.batch_size=4",
+        "fleet.newuser_steps=3", *TINY_PHASES, "local.batch_size=4",
         "privacy.photo.delta=1e-3", "privacy.user.delta=1e-2"]
 
 

@@ -198,7 +198,8 @@ def test_device_epsilon_covers_both_participations(finished_run):
     for device in range(spec.num_devices):
         n = device_photo_count(spec, device)
         batches = math.ceil(n / cfg.local.batch_size)
-        steps = max(1, round(cfg.local.epochs * batches))
+        steps = max(1, round(cfg.local.personal_epochs * batches)) \
+            + max(1, round(cfg.local.epochs * batches))  # personal phase, then shared
         expected.append(epsilon_of([(recipe.noise_multiplier, 1 / batches, 2 * steps)],
                                    recipe.delta))
     client = mlflow.MlflowClient(uri)
