@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from clients.per_sample import BookKeeping, TorchFunc
 from fl.privacy import noise
 from fl.privacy.ledger import PhotoLedger, accountant_state, events_of
-from fl.privacy.steps import opacus_batches, phase_steps_of
+from fl.privacy.steps import opacus_batches, phase_plan, phase_steps_of
 from fl.protocol import Recipe
 from fl.tasks.base import Task
 
@@ -106,7 +106,8 @@ def set_trainable(task: Task, model: nn.Module, personal: bool = True,
 
 
 def phases(task: Task, model: nn.Module, recipe: Recipe) -> list[tuple[float, bool, bool]]:
-    """The participation's training phases: (epochs, trains personal, trains shared).
+    """The participation's training phases: (epochs, trains personal, trains shared)
+    (``fl.privacy.steps.phase_plan``, which the server's calibration counts).
 
     With ``personal_epochs`` the personal part is fitted alone first, then the
     shared weights alone on top of it. Why: under one joint clip the shared
@@ -117,13 +118,8 @@ def phases(task: Task, model: nn.Module, recipe: Recipe) -> list[tuple[float, bo
     Both phases are DP-SGD at the same noise multiplier and sampling rate, so the
     accountant sees one participation of their summed steps.
     """
-    if recipe.personal_epochs <= 0:
-        return [(recipe.local_epochs, True, True)]
-    plan = [(recipe.personal_epochs, True, False)]
-    if recipe.local_epochs > 0 and any(
-            task.is_device_trained(n) for n, _ in model.named_parameters()):
-        plan.append((recipe.local_epochs, False, True))
-    return plan
+    trains_shared = any(task.is_device_trained(n) for n, _ in model.named_parameters())
+    return phase_plan(recipe.local_epochs, recipe.personal_epochs, trains_shared)
 
 
 def dp_generator(recipe: Recipe, server_round: int = 0, device: int = 0) -> torch.Generator:

@@ -8,13 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tiny import TINY_PHASES
+
 torch.set_num_threads(1)
-
-
-# Both training phases, sized so that a participation at 10-12 photos and batch 4 (3
-# batches) takes 1 + 2 = 3 steps, as the one-epoch joint phase the end-to-end tests
-# were measured with did: their budgets bind and their rounds last as before.
-TINY_PHASES = ("local.personal_epochs=0.34", "local.epochs=0.67")
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
-"""How many DP-SGD steps a device takes per participation, in one place.
+"""Which DP-SGD phases a device runs per participation, and how many steps, in one
+place.
 
-The server calibrates the photo-level noise for this count (``fl.privacy.plan``)
-and the device trains and accounts exactly this count (``clients.trainer``); both
-import it from here, a module light enough for the device process (no Opacus
+The server calibrates the photo-level noise for these steps (``fl.privacy.plan``)
+and the device trains and accounts exactly these phases (``clients.trainer``); both
+import them from here, a module light enough for the device process (no Opacus
 accountants, no OmegaConf).
 """
 
@@ -24,12 +25,24 @@ def phase_steps_of(epochs: float, batches: int) -> int:
     return max(1, round(epochs * batches))
 
 
+def phase_plan(epochs: float, personal_epochs: float,
+               trains_shared: bool = True) -> list[tuple[float, bool, bool]]:
+    """A participation's DP-SGD phases as (epochs, trains personal, trains shared).
+
+    With ``personal_epochs`` the personal part is fitted alone first, then (when the
+    device trains shared weights) the shared weights alone; without, one joint phase
+    of ``epochs``. ``clients.trainer`` runs exactly these phases and the server's
+    calibration counts their steps (``steps_per_participation``)."""
+    if personal_epochs <= 0:
+        return [(epochs, True, True)]
+    plan = [(personal_epochs, True, False)]
+    if trains_shared and epochs > 0:
+        plan.append((epochs, False, True))
+    return plan
+
+
 def steps_per_participation(epochs: float, personal_epochs: float, batches: int,
                             trains_shared: bool = True) -> int:
-    """Steps of one participation as ``clients.trainer.phases`` runs them: with
-    ``personal_epochs``, a personal phase, then (when the device trains shared
-    weights) a shared one of ``epochs``; without, one joint phase of ``epochs``."""
-    if personal_epochs <= 0:
-        return phase_steps_of(epochs, batches)
-    shared = phase_steps_of(epochs, batches) if trains_shared and epochs > 0 else 0
-    return phase_steps_of(personal_epochs, batches) + shared
+    """DP-SGD steps of one participation: the steps of all its phases."""
+    return sum(phase_steps_of(e, batches)
+               for e, _, _ in phase_plan(epochs, personal_epochs, trains_shared))

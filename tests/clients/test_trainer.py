@@ -155,6 +155,29 @@ def test_secure_noise_differs_by_the_noise_scale_and_seeded_noise_repeats(setup)
     assert torch.initial_seed() == 1234  # secure runs leave torch's global seed alone
 
 
+def test_two_phases_under_secure_noise_cannot_be_rebuilt_and_seeded_ones_repeat(setup):
+    """The same attack on the two-phase recipe: the shared update (3 shared steps after
+    6 personal ones) repeats bit for bit when seeded, and under secure noise two runs
+    differ by the noise of its 3 shared steps, sqrt(2 * 3) * lr * sigma * C / B per
+    weight: the personal phase neither reseeds nor replays the stream."""
+    task, model, photos, recipe = setup
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    seeded = dataclasses.replace(_phased(recipe), noise="seeded")
+    a, _ = _shared_update(task, start, photos, seeded)
+    b, _ = _shared_update(task, start, photos, seeded)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    secure = dataclasses.replace(seeded, noise="secure")
+    c, outcome = _shared_update(task, start, photos, secure)
+    d, _ = _shared_update(task, start, photos, secure)
+    diff = torch.cat([(c[k] - d[k]).flatten() for k in c])
+    batch = len(photos[0]) * outcome.sample_rate
+    expected = (2 * 3) ** 0.5 * recipe.lr_shared * recipe.noise_multiplier \
+        * recipe.max_grad_norm / batch
+    observed = diff.pow(2).mean().sqrt().item()
+    assert outcome.steps == 9
+    assert 0.9 < observed / expected < 1.1, (observed, expected)
+
+
 def test_secure_noise_drives_noise_and_poisson_masks_with_one_os_seeded_generator(
         setup, monkeypatch):
     """Under secure the DP optimizer draws noise in Opacus' secure mode, and the

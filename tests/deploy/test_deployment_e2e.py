@@ -40,10 +40,10 @@ from experiments.deploy_demo import (
 )
 from experiments.flwr_local import flwr_env, flwr_run_command, run_overrides
 from fl.config import compose
-from tests.conftest import TINY_PHASES
 from fl.deploy.gateway import REFUSED
 from fl.tracking import keys as K
 from server.simulation import simulate
+from tests.tiny import TINY_PHASES
 
 pytestmark = pytest.mark.slow
 # The one deployment runs SecAgg+ (plain aggregation is covered by the simulations).
