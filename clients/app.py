@@ -251,7 +251,10 @@ def train(msg: Message, context: Context) -> Message:
         ledger = _ledger_after(recipe, start, newest, attempt, digest, outcome)
         if ledger is None:  # a different repeat would pass the budget: nothing leaves
             outcome, used, update, ledger = _exhausted(newest, recipe, outcome), 0, None, newest
-    content = _reply(_train_metrics(recipe, ledger, outcome, used), view, store)
+    metrics = _train_metrics(recipe, ledger, outcome, used)
+    if update is not None and _spent_after(recipe, ledger, outcome):
+        metrics[P.BUDGET_SPENT] = 1
+    content = _reply(metrics, view, store)
     if update is not None:
         # Recorded on the device before anything of the update leaves it.
         save_state(store, server_round, model, task, ledger, digest,
@@ -279,6 +282,16 @@ def _ledger_after(recipe: P.Recipe, start: PhotoLedger, newest: PhotoLedger,
     if recipe.photo_dp and not newest.admits(*planned, recipe.delta, recipe.budget_epsilon):
         return None
     return newest.extended(planned)
+
+
+def _spent_after(recipe: P.Recipe, ledger: PhotoLedger, outcome: Outcome) -> bool:
+    """Whether one more participation like this one would pass the budget: the
+    device says so with its update, so the server stops sampling it rather than
+    send it a message it would refuse. (It reveals nothing the reported photo
+    epsilon does not: the server knows the recipe, hence the next step's cost.)"""
+    return recipe.photo_dp and not ledger.admits(
+        recipe.noise_multiplier, outcome.sample_rate, outcome.steps, recipe.delta,
+        recipe.budget_epsilon)
 
 
 def _exhausted(ledger: PhotoLedger, recipe: P.Recipe, outcome: Outcome) -> Outcome:

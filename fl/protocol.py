@@ -29,6 +29,10 @@ WEIGHT_KEY = "num-examples"
 TRAIN_LOSS, PHOTO_EPS, STEPS, PARTICIPATIONS = "train-loss", "photo-eps", "steps", "participations"
 LEDGER_STEPS, SAMPLE_RATE = "ledger-steps", "sample-rate"  # cumulative DP-SGD steps, last rate
 TRAINED, BUDGET_EXHAUSTED = "trained", "budget-exhausted"
+# 1 with a trained update when one more participation of the same recipe would pass
+# the device's photo-level budget: the server stops sampling it, instead of sending
+# a message that would come back refused (``budget-exhausted``).
+BUDGET_SPENT = "budget-spent"
 PERSONALISED = "personalised"
 DEVICE_INDEX = "device-index"  # roll-call reply: the device's pseudonymous index
 # Consent and data, reported by every device that answers (counts only, never ids).
@@ -142,6 +146,7 @@ class TrainReport:
     reason: str = ""  # why the device did not train, if it did not
     newer_state_round: int | None = None  # the device holds state of this later round
     arrays: dict[str, Any] | None = None  # torch tensors, when the device trained
+    budget_spent: bool = False  # trained, and no further participation fits its budget
 
     @classmethod
     def from_message(cls, reply, max_examples: float = math.inf) -> TrainReport:
@@ -188,4 +193,6 @@ class TrainReport:
             consent=flags | counts, reason=reason,
             newer_state_round=None if newer is None else _number(m, NEWER_STATE_ROUND,
                                                                    integer=True),
-            arrays=arrays)
+            arrays=arrays,
+            budget_spent=BUDGET_SPENT in m and bool(_number(m, BUDGET_SPENT, integer=True,
+                                                            high=1)))

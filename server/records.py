@@ -231,6 +231,9 @@ def fold_train_reports(records: dict[int, DeviceRecord],
         if report.budget_exhausted:
             exhausted.add(node)
             record.status = "budget exhausted"
+        elif report.trained and report.budget_spent:  # its last update: not asked again
+            exhausted.add(node)
+            record.status = "trained; budget now spent"
         if node in failed:
             record.status = failed[node]
         elif report.trained and (report.arrays is not None or S.MASKED in reply.content):

@@ -1,8 +1,14 @@
 """DP-SGD against non-private local training, per per-sample-gradient engine.
 
-One device, its real photos, the default recipe: the cost of one participation
-(``local.epochs`` passes, Opacus' ``make_private`` and the budget check included)
-with each engine of ``clients.trainer.ENGINES`` and without DP, at 32 and 64 px.
+One device, its real photos: the cost of one participation (every phase, Opacus'
+``make_private`` and the budget check included) with each engine of
+``clients.trainer.ENGINES`` and without DP, at 32 and 64 px, for two recipes
+(``RECIPES``): the default two phases (the personal part alone, then the
+device-trained shared layers alone) and the one joint phase of
+``local.personal_epochs=0``, whose steps all reach the shared convolutions and so
+show a DP-SGD step's cost at its highest; that one also at 4 epochs, where the
+per-participation costs (``make_private``, the engine's set-up) weigh 4x less
+and the ratio is a step's.
 
 Made to be stable on a shared machine: one torch thread, a warm-up participation
 per mode, then ``repeats`` rounds in which every mode runs once, in turn, so a
@@ -28,6 +34,8 @@ from fl.privacy.plan import privacy_plan
 from fl.tasks import get_task
 
 NON_PRIVATE = "non-private"
+RECIPES = {"two phases (default)": [], "one joint phase": ["local.personal_epochs=0"],
+           "one joint phase, 4 epochs": ["local.personal_epochs=0", "local.epochs=4"]}
 
 
 def _participation(task, model, photos, rec, engine: str) -> tuple[float, float, int]:
@@ -37,7 +45,8 @@ def _participation(task, model, photos, rec, engine: str) -> tuple[float, float,
     return time.process_time() - cpu, time.perf_counter() - wall, steps
 
 
-def measure(image_size: int, repeats: int, overrides: list[str]) -> list[dict]:
+def measure(image_size: int, repeats: int, overrides: list[str],
+            recipe_name: str = "") -> list[dict]:
     cfg = compose([*overrides, f"data.image_size={image_size}"])
     task, spec = get_task(task_params(cfg)), fleet_spec(cfg)
     base = recipe(cfg, privacy_plan(cfg).photo)
@@ -64,11 +73,13 @@ def measure(image_size: int, repeats: int, overrides: list[str]) -> list[dict]:
     for mode in modes:
         if mode in failed:  # same columns, so the markdown table stays aligned
             rows.append(dict.fromkeys(rows[0], float("nan"))
-                        | {"image_size": image_size, "mode": mode, "note": failed[mode]})
+                        | {"recipe": recipe_name, "image_size": image_size, "mode": mode,
+                           "note": failed[mode]})
             continue
         ratios = [a / b for a, b in zip(cpu[mode], cpu[NON_PRIVATE])]
         rows.append({
-            "image_size": image_size, "mode": mode, "photos": len(photos[0]),
+            "recipe": recipe_name, "image_size": image_size, "mode": mode,
+            "photos": len(photos[0]),
             "steps": steps[mode], "repeats": repeats,
             "cpu_s_median": statistics.median(cpu[mode]),
             "cpu_s_min": min(cpu[mode]), "cpu_s_max": max(cpu[mode]),
@@ -82,7 +93,8 @@ def measure(image_size: int, repeats: int, overrides: list[str]) -> list[dict]:
 def run(repeats: int = 7, overrides: list[str] | None = None,
         sizes: tuple[int, ...] = (32, 64), threads: int = 1) -> list[dict]:
     torch.set_num_threads(threads)
-    return [row for size in sizes for row in measure(size, repeats, list(overrides or []))]
+    return [row for name, recipe_overrides in RECIPES.items() for size in sizes
+            for row in measure(size, repeats, [*recipe_overrides, *(overrides or [])], name)]
 
 
 if __name__ == "__main__":

@@ -127,6 +127,20 @@ def test_a_simulated_device_trains_with_seeded_noise(tmp_path):
     assert P.ARRAYS in reply.content and not _reason(reply)
 
 
+def test_a_device_says_with_its_update_when_its_budget_admits_no_further_round(tmp_path):
+    """A budget between one and two participations' epsilon: the first update comes
+    with ``budget-spent`` (the server then stops asking), and a second request is
+    refused without training. A budget of three participations says nothing."""
+    one = epsilon_of([(1.0, 1 / 3, 3)], 1e-3)
+    two = epsilon_of([(1.0, 1 / 3, 3)] * 2, 1e-3)
+    first = _metrics(_train(_simulated(), _recipe(tmp_path, budget_epsilon=(one + two) / 2), 1))
+    assert (first[P.TRAINED], first[P.STEPS], first[P.BUDGET_SPENT]) == (1, 3, 1)
+    again = _metrics(_train(_simulated(), _recipe(tmp_path, budget_epsilon=(one + two) / 2), 2))
+    assert again[P.TRAINED] == 0 and again[P.BUDGET_EXHAUSTED] == 1
+    roomy = _metrics(_train(_simulated(), _recipe(tmp_path / "b", budget_epsilon=3 * two), 1))
+    assert roomy[P.TRAINED] == 1 and P.BUDGET_SPENT not in roomy
+
+
 # --- a repeated round -------------------------------------------------------------------
 
 def _lose_photos(tmp_path, count: int) -> None:

@@ -40,6 +40,19 @@ def test_fixed_size_without_amplification_is_the_plain_gaussian():
     assert m.epsilon(5) == pytest.approx(acc.get_epsilon(1e-4), rel=1e-6)
 
 
+@pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+def test_epsilon_from_the_kept_one_round_curve_is_a_fresh_accountants(sampling):
+    """The server keeps one round's RDP curve and scales it (so epsilon(r) costs no
+    new RDP evaluation each round): it must be exactly what a fresh dp-accounting
+    accountant composing r rounds reports."""
+    for noise in (0.7, 1.3):
+        m = _mech(sampling=sampling, noise_multiplier=noise)
+        for rounds in (1, 2, 17, 300):
+            acc = m.fresh_accountant()
+            acc.compose(m.round_event(), rounds)
+            assert m._compute_epsilon(rounds) == acc.get_epsilon(m.delta)
+
+
 def test_pld_refuses_fixed_size_sampling():
     with pytest.raises(ValueError, match="RDP only"):
         _mech(sampling="fixed", accountant="pld")

@@ -58,6 +58,7 @@ def test_a_well_formed_reply_is_typed():
     ({P.NEWER_STATE_ROUND: math.nan}, "outside"),
     ({P.WEIGHT_KEY: 10**9}, "outside"),  # more photos than any device holds (photos_max)
     ({P.PHOTOS_USED: 41}, "outside"),
+    ({P.BUDGET_SPENT: 2}, "outside"),
 ])
 def test_a_malformed_reply_fails_that_device_with_a_reason(metrics, reason):
     reports, failed, rejected = _parse([_reply(1), _reply(2, **metrics)], [1, 2])
@@ -138,3 +139,14 @@ def test_a_device_that_misses_rounds_in_a_row_is_paused_then_tried_again():
     assert not records[2].available(9)
     note_availability(records, [2], {}, 14, after=2, pause=5)  # answered: counts from 0
     assert records[2].missed == 0
+
+
+def test_a_device_whose_budget_admits_no_further_round_is_not_asked_again():
+    """``budget-spent`` with an update: the device counts as exhausted at once (the
+    sampler drops it), where before it was asked once more and refused."""
+    records, exhausted = _records(1, 2, 3), set()
+    reports, _, _ = _parse([_reply(1, **{P.BUDGET_SPENT: 1}), _reply(2),
+                            _reply(3, **{P.BUDGET_SPENT: 0})], [1, 2, 3], records)
+    losses, _ = fold_train_reports(records, reports, {}, exhausted)
+    assert exhausted == {1} and len(losses) == 3  # its update still counts
+    assert records[1].status == "trained; budget now spent" and records[2].status == "trained"
