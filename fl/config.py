@@ -191,6 +191,7 @@ def _validate_faults(cfg: DictConfig) -> None:
              "empty with data=device: simulated faults are for simulated fleets only")
 
 
+BACKENDS = ("ray", "pool")  # fleet.backend: who runs the simulated devices (server.simulation)
 RAY_ADDRESS = re.compile(r"^(auto|(ray://)?[A-Za-z0-9._-]+:\d+)$")
 
 
@@ -213,6 +214,13 @@ def _validate_hardware(cfg: DictConfig) -> None:
     _require(gpus == 0 or name != "cpu", "fleet.gpus_per_device", gpus,
              "0 with device=cpu (a GPU share for devices that compute on the CPU would only "
              "keep Ray from starting them); set device=auto or cuda")
+    backend = cfg.fleet.get("backend") or "ray"
+    _require(backend in BACKENDS, "fleet.backend", backend,
+             f"one of {list(BACKENDS)} (ray: Flower's Simulation Engine; pool: long-lived "
+             "worker processes on this machine, server.pool)")
+    _require(backend == "ray" or (address is None and gpus == 0), "fleet.backend", backend,
+             "ray with fleet.ray_address or fleet.gpus_per_device: a pool is one machine's "
+             "processes, without Ray's cluster or GPU shares")
 
 
 def fault_settings(cfg: DictConfig) -> tuple[float, list[str]]:

@@ -78,6 +78,8 @@ def simulate(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None = None,
     ClientApp; only the audit passes one (``clients.audit``: canaries planted).
     """
     validate(cfg)  # also sizes an on-disk fleet, which decides num_supernodes below
+    if (cfg.fleet.get("backend") or "ray") == "pool":
+        return _simulate_in_pool(cfg, wrap_grid, resume, client_app or default_client_app)
     outcome: dict[str, Summary] = {}
     server_app = ServerApp()
 
@@ -106,3 +108,15 @@ def simulate(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None = None,
         raise RuntimeError("the simulation ended without finishing the experiment; see the "
                            "Flower log (the Hydra job's .log file, or rerun with verbose=true)")
     return outcome["summary"]
+
+
+def _simulate_in_pool(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None,
+                      resume: Checkpoint | None, client_app: ClientApp) -> Summary:
+    """``fleet.backend=pool``: the same ServerApp loop and ClientApp, with the
+    devices run by ``server.pool.PoolGrid`` instead of Flower's engine."""
+    from server.pool import PoolGrid
+
+    threads = max(1, int(cfg.fleet.cpus_per_device))
+    workers = max(1, int((os.cpu_count() or 1) // float(cfg.fleet.cpus_per_device)))
+    with PoolGrid(client_app, int(cfg.fleet.num_devices), workers, threads) as grid:
+        return run_experiment(wrap_grid(grid) if wrap_grid else grid, cfg, resume=resume)

@@ -61,6 +61,11 @@ def test_the_config_validates_the_hardware_keys():
         validate(compose(["device=cpu", "fleet.gpus_per_device=0.5"]))
     with pytest.raises(ConfigError, match="fleet.ray_address"):
         validate(compose(["fleet.ray_address=my-cluster"]))
+    validate(compose(["fleet.backend=pool"]))
+    with pytest.raises(ConfigError, match="fleet.backend='spark' is invalid: one of"):
+        validate(compose(["fleet.backend=spark"]))
+    with pytest.raises(ConfigError, match="a pool is one machine"):
+        validate(compose(["fleet.backend=pool", "fleet.ray_address=auto"]))
 
 
 def test_the_device_travels_in_the_recipe():

@@ -2,10 +2,11 @@
 
 Three ways to do the same device updates (the same devices, recipe and weights):
 
-* **fleet**: the default fleet through Flower's Simulation Engine (Ray, one worker
-  per core), training only (no evaluation panel, no new-user check), device
-  updates per second over the rounds after the first (round 1 waits for Ray's actor
-  pool to start: its seconds are a row of their own);
+* **fleet**: the default fleet, training only (no evaluation panel, no new-user
+  check), on each simulation backend (``fleet.backend``: Flower's Simulation
+  Engine with Ray, one worker per core; fedface's process pool, ``server.pool``),
+  device updates per second over the rounds after the first (round 1 waits for the
+  workers to start and import torch: its seconds are a row of their own);
 * **back to back**: the ClientApp's ``train`` called in this process, one device
   after another, on real Flower messages and contexts (it opens the device,
   builds the model, loads and saves the device's state);
@@ -120,28 +121,38 @@ def _pure_compute_seconds(cfg, devices: list[int]) -> list[float]:
     return seconds
 
 
-def run(rounds: int = 6, repeats: int = 3, overrides: list[str] | None = None) -> list[dict]:
+def run(rounds: int = 6, repeats: int = 3, overrides: list[str] | None = None,
+        backends: tuple[str, ...] = ("ray", "pool")) -> list[dict]:
+    """Rows for each simulation backend (``fleet.backend``), then the two in-process
+    modes and the ratios of core-seconds per update."""
     cfg = compose(TRAIN_ONLY + [f"fleet.rounds={rounds}"] + list(overrides or []))
     cfg.model.init = resolve_init(cfg)
     workers = max(1, int((os.cpu_count() or 1) // cfg.fleet.cpus_per_device))
     nan = float("nan")
-    rates, first = _fleet_rates(cfg, repeats)
-    fleet_rate = statistics.median(rates)
     devices = _devices(cfg, rounds * cfg.fleet.devices_per_round)
     b2b = statistics.median(_back_to_back_seconds(cfg, devices)[1:])  # first warms caches
     pure = statistics.median(_pure_compute_seconds(cfg, devices)[1:])
-    fleet = workers / fleet_rate
-    return [
-        {"mode": f"fleet ({cfg.fleet.num_devices} devices, {workers} workers), rounds 2-{rounds}",
-         "updates_per_s": fleet_rate, "core_s_per_update": fleet},
-        {"mode": "fleet, round 1 (Ray's actor pool starting): seconds",
-         "updates_per_s": nan, "core_s_per_update": statistics.median(first)},
+    rows, ratios = [], []
+    for backend in backends:
+        cfg.fleet.backend = backend
+        rates, first = _fleet_rates(cfg, repeats)
+        fleet_rate = statistics.median(rates)
+        fleet = workers / fleet_rate
+        name = f"fleet.backend={backend} ({cfg.fleet.num_devices} devices, {workers} workers)"
+        rows += [
+            {"mode": f"{name}, rounds 2-{rounds}", "updates_per_s": fleet_rate,
+             "core_s_per_update": fleet},
+            {"mode": f"{name}, round 1 (workers starting): seconds", "updates_per_s": nan,
+             "core_s_per_update": statistics.median(first)},
+        ]
+        ratios.append({"mode": f"{name} / pure compute (core-s per update)",
+                       "updates_per_s": nan, "core_s_per_update": fleet / pure})
+    return rows + [
         {"mode": "back to back ClientApp (1 process, 1 thread)", "updates_per_s": 1 / b2b,
          "core_s_per_update": b2b},
         {"mode": "pure compute: train_on_device (1 process, 1 thread)",
          "updates_per_s": 1 / pure, "core_s_per_update": pure},
-        {"mode": "fleet / pure compute (core-s per update)", "updates_per_s": nan,
-         "core_s_per_update": fleet / pure},
+        *ratios,
         {"mode": "back to back / pure compute", "updates_per_s": nan,
          "core_s_per_update": b2b / pure},
     ]

@@ -1,7 +1,8 @@
 """In simulation the server learns node -> device index from Flower's engine.
 
 One real simulation of 6 devices, 2 a round (fixed sampling, seeded), training
-only. Every message the ServerApp sends passes through the ``wrap_grid`` hook:
+only, on each backend (Flower's engine, and fedface's process pool, which offers
+its node ids the same way). Every message the ServerApp sends passes through the ``wrap_grid`` hook:
 not one roll-call (query) message goes out. The devices that trained are the
 ones a ``CohortSampler`` with the run's seed draws by device index, the device
 the server believes it asked is the one whose data and store were used (the
@@ -51,14 +52,16 @@ class CountingGrid:
         return getattr(self.grid, name)
 
 
+@pytest.mark.parametrize("backend", ["ray", "pool"])
 def test_no_roll_call_and_devices_train_as_the_index_the_server_drew(tiny_overrides,
-                                                                     tmp_path):
+                                                                     tmp_path, backend):
     storage = tmp_path / "devices"
     cfg = compose([*tiny_overrides, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
                    f"devices.storage_dir={storage}", f"checkpoint.dir={tmp_path / 'ckpt'}",
                    f"fleet.num_devices={N}", f"fleet.devices_per_round={K}",
                    f"fleet.rounds={ROUNDS}", "fleet.sampling=fixed", "fleet.eval_devices=0",
-                   "fleet.newuser_identities=0", "tracking.samples_every=0", "privacy=photo"])
+                   "fleet.newuser_identities=0", "tracking.samples_every=0", "privacy=photo",
+                   f"fleet.backend={backend}"])
     grids = {}
 
     def wrap(grid):
