@@ -20,20 +20,27 @@ behind the *same* apps:
 
 What it gives up: Ray's cluster (``fleet.ray_address``) and its GPU shares
 (``fleet.gpus_per_device``); a pool is one machine's cores
-(``os.cpu_count() / fleet.cpus_per_device`` workers). Node ids are the device
-index plus one, known without asking (``engine_partitions``), as the engine's are.
+(the cores this process may use / ``fleet.cpus_per_device`` workers). Node ids
+are ``2**32 +`` the device index, known without asking (``engine_partitions``), as
+the engine's are. A worker that dies (killed, out of memory) takes the pool with it:
+every message then in flight comes back as an error reply (those devices fail the
+round, as when a machine of Flower's engine goes down) and a fresh pool takes the
+next ones.
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_for
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import Self
 
 import cloudpickle
@@ -71,6 +78,14 @@ def _error_reply(message: Message, code: int, err: BaseException) -> Message:
     return Message(Error(code=code, reason=f"{type(err)}:<'{err}'>"), reply_to=message)
 
 
+@dataclass(frozen=True)
+class _Sent:
+    message: Message
+    future: Future
+    node: int
+    sequence: int  # order of pushing: the newest pulled message's Context is kept
+
+
 class PoolGrid(Grid):
     """A Flower ``Grid`` over a process pool; use as a context manager."""
 
@@ -82,7 +97,9 @@ class PoolGrid(Grid):
         self._contexts: dict[int, Context] = {}
         self._start = (workers, cloudpickle.dumps(app), threads)
         self._pool = self._new_pool()
-        self._pending: dict[str, tuple[Message, Future]] = {}
+        self._pending: dict[str, _Sent] = {}
+        self._kept: dict[int, int] = {}  # node -> sequence number of the Context kept
+        self._sequence = itertools.count(1)
         self._lock = threading.Lock()
         self._run = None
 
@@ -116,9 +133,9 @@ class PoolGrid(Grid):
             process.join(timeout=10)
 
     def _submit(self, message: Message, context: Context) -> Future:
-        """Hand a message to a worker. A worker that died (killed, out of memory)
-        breaks a ``ProcessPoolExecutor`` for good: its messages come back as error
-        replies (``pull_messages``), and a fresh pool takes the next ones."""
+        """Hand a message to a worker. A worker that died breaks a
+        ``ProcessPoolExecutor`` for good (every future then pending fails): a fresh
+        pool takes this message and the next ones."""
         try:
             return self._pool.submit(_handle, message, context)
         except BrokenProcessPool:
@@ -147,44 +164,56 @@ class PoolGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            context = self._context(node)
-            message_id = str(uuid.uuid4())
-            message.metadata.__dict__["_message_id"] = message_id  # as Flower's grids do
-            future = self._submit(message, context)
-            future.add_done_callback(lambda f, n=node: self._keep_context(n, f))
-            with self._lock:
-                self._pending[message_id] = (message, future)
-            ids.append(message_id)
+        with self._lock:
+            self._drop_expired(time.time())
+            for message in messages:
+                node = message.metadata.dst_node_id
+                message_id = str(uuid.uuid4())
+                message.metadata.__dict__["_message_id"] = message_id  # as Flower's grids do
+                future = self._submit(message, self._context(node))
+                self._pending[message_id] = _Sent(message, future, node, next(self._sequence))
+                ids.append(message_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """The replies that have come, at once; a worker that died answers with an
-        error reply (the device failed this round), never an exception here."""
-        with self._lock:
-            done = [m for m in message_ids if m in self._pending and self._pending[m][1].done()]
-            finished = [self._pending.pop(m) for m in done]
+        """The replies that have come, at once. A node's Context is kept from the
+        newest message pulled (never from one pushed earlier that finished later),
+        before its reply is returned, so the next message to that node carries it.
+        A worker that died answers with an error reply (the device failed this
+        round), never an exception here."""
         replies = []
-        for message, future in finished:
-            error = future.exception()
-            reply = future.result()[0] if error is None else \
-                _error_reply(message, ErrorCode.UNKNOWN, error)
-            reply.metadata.__dict__["_message_id"] = f"reply-{message.metadata.message_id}"
-            replies.append(reply)
+        with self._lock:
+            done = [m for m in message_ids if m in self._pending and self._pending[m].future.done()]
+            for sent in (self._pending.pop(m) for m in done):
+                future = sent.future
+                error = CancelledError() if future.cancelled() else future.exception()
+                if error is not None:
+                    reply = _error_reply(sent.message, ErrorCode.UNKNOWN, error)
+                else:
+                    reply, context = future.result()
+                    if sent.sequence > self._kept.get(sent.node, 0):
+                        self._contexts[sent.node], self._kept[sent.node] = context, sent.sequence
+                reply.metadata.__dict__["_message_id"] = f"reply-{sent.message.metadata.message_id}"
+                replies.append(reply)
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         ids = list(self.push_messages(messages))
         with self._lock:
-            futures = [self._pending[m][1] for m in ids]
+            futures = [self._pending[m].future for m in ids]
         wait_for(futures, timeout=timeout)
         return self.pull_messages(ids)
 
-    def _keep_context(self, node: int, future: Future) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self._contexts[node] = future.result()[1]
+    def _drop_expired(self, now: float) -> None:
+        """Messages past their time to live (``created_at + ttl``, as Flower's
+        LinkState drops them): not started, cancelled; finished, forgotten, so a
+        reply nobody will pull does not hold its weights for the rest of the run."""
+        for message_id, sent in list(self._pending.items()):
+            metadata = sent.message.metadata
+            if metadata.created_at + metadata.ttl < now:
+                sent.future.cancel()
+                del self._pending[message_id]
 
     # --- the rest of Flower's Grid --------------------------------------------------
 

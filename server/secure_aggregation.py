@@ -42,7 +42,7 @@ from fl.privacy.release import Release, Released, SecureSum
 from fl.secagg import params as S
 from fl.secagg.server import Abandoned, Round
 from fl.tracking import keys as K
-from server.transport import PullBackoff, Transport
+from server.transport import PULL_INTERVAL, PullBackoff, Transport
 
 
 class SecureAggregation:
@@ -194,7 +194,7 @@ def exchange(transport: Transport, messages: list[Message]) -> list[Message]:
     asked = {int(m.metadata.dst_node_id) for m in messages}
     waiting = set(grid.push_messages(messages))
     replies, seen = [], set()
-    deadline, backoff = time.time() + transport.timeout, PullBackoff()
+    deadline, backoff = time.time() + transport.timeout, PullBackoff(PULL_INTERVAL / 5)
     while waiting and time.time() < deadline:
         got = list(grid.pull_messages(waiting))
         waiting -= {reply.metadata.reply_to_message_id for reply in got}

@@ -117,6 +117,7 @@ def _simulate_in_pool(cfg: DictConfig, wrap_grid: Callable[[Grid], Grid] | None,
     from server.pool import PoolGrid
 
     threads = max(1, int(cfg.fleet.cpus_per_device))
-    workers = max(1, int((os.cpu_count() or 1) // float(cfg.fleet.cpus_per_device)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = max(1, int((cores or 1) // float(cfg.fleet.cpus_per_device)))
     with PoolGrid(client_app, int(cfg.fleet.num_devices), workers, threads) as grid:
         return run_experiment(wrap_grid(grid) if wrap_grid else grid, cfg, resume=resume)

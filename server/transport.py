@@ -24,15 +24,18 @@ FIRST_PULL, PULL_INTERVAL = 0.01, 0.25
 
 
 class PullBackoff:
-    """How long to sleep before the next poll (see FIRST_PULL, PULL_INTERVAL)."""
+    """How long to sleep before the next poll: FIRST_PULL after a push or a reply,
+    then twice as long after each empty poll, up to ``longest``."""
 
-    def __init__(self) -> None:
-        self.wait = FIRST_PULL
+    def __init__(self, longest: float = PULL_INTERVAL) -> None:
+        self.longest, self.wait = longest, FIRST_PULL
 
     def after(self, got_any: bool) -> None:
         """Sleep before the next poll; ``got_any``: the last poll brought replies."""
-        self.wait = FIRST_PULL if got_any else min(2 * self.wait, PULL_INTERVAL)
+        if got_any:
+            self.wait = FIRST_PULL
         time.sleep(self.wait)
+        self.wait = min(2 * self.wait, self.longest)
 
 
 class SampledGrid:

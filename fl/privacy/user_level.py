@@ -131,9 +131,9 @@ def _one_round_rdp(mechanism: UserMechanism) -> tuple[tuple[float, ...], np.ndar
     """
     acc = mechanism.fresh_accountant()
     acc.compose(mechanism.round_event(), 1)
-    curve = np.array(acc._rdp, dtype=float)  # private: see the docstring
+    curve = np.array(acc.rdp, dtype=float)
     curve.flags.writeable = False
-    return tuple(acc._orders), curve
+    return tuple(acc.orders), curve
 
 
 def calibrate(make: Callable[[float], UserMechanism], target_epsilon: float, rounds: int,
