@@ -53,6 +53,21 @@ def test_ledger_after_k_participations_equals_one_accountant_fed_all_steps():
     assert ledger.epsilon(1e-3) > epsilon_of([participations[0]], 1e-3)
 
 
+@pytest.mark.parametrize("events", [
+    [(1.0, 0.25, 24)],
+    [(1.0, 1 / 5, 27), (1.0, 1 / 5, 27)],  # two participations of one device
+    [(0.9, 0.2, 10), (1.3, 0.1, 30), (0.9, 0.2, 7)],
+    [(3.16, 1 / 3, 9), (5.45, 1 / 92, 400)],
+])
+def test_rdp_epsilon_from_kept_one_step_curves_is_opacus_accountants(events):
+    """The ledger keeps each mechanism's one-step RDP curve and scales it by the
+    steps: the epsilon must be exactly the number Opacus' RDP accountant gives for
+    the same history."""
+    acc = RDPAccountant()
+    acc.history = list(events)
+    assert epsilon_of(events, DELTA, "rdp") == acc.get_epsilon(delta=DELTA)
+
+
 def test_ledger_refuses_a_history_that_forgets_steps():
     ledger = PhotoLedger(events=[(1.0, 0.25, 16)], participations=2)
     with pytest.raises(RuntimeError, match="privacy spent would be lost"):
