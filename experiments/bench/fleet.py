@@ -62,6 +62,19 @@ def _fleet_rates(cfg, repeats: int) -> tuple[list[float], list[float]]:
     return rates, first
 
 
+def _cold_caches() -> None:
+    """Forget what a process learns once and reuses (the photo ledger's epsilons and
+    RDP curves, the per-sample engine's verified model structures), so the two
+    in-process modes start as a fleet's fresh worker does, and neither inherits the
+    other's work."""
+    from clients import per_sample
+    from fl.privacy import ledger
+
+    ledger._epsilon.cache_clear()
+    ledger._one_step_rdp.cache_clear()
+    per_sample._VERIFIED.clear()
+
+
 def _devices(cfg, updates: int) -> list[int]:
     """The devices both in-process modes train: drawn like a fleet's rounds."""
     rng = np.random.default_rng(0)
@@ -130,7 +143,9 @@ def run(rounds: int = 6, repeats: int = 3, overrides: list[str] | None = None,
     workers = max(1, int((os.cpu_count() or 1) // cfg.fleet.cpus_per_device))
     nan = float("nan")
     devices = _devices(cfg, rounds * cfg.fleet.devices_per_round)
-    b2b = statistics.median(_back_to_back_seconds(cfg, devices)[1:])  # first warms caches
+    _cold_caches()
+    b2b = statistics.median(_back_to_back_seconds(cfg, devices)[1:])
+    _cold_caches()  # as cold as a fleet's freshly started worker, like back to back
     pure = statistics.median(_pure_compute_seconds(cfg, devices)[1:])
     rows, ratios = [], []
     for backend in backends:
