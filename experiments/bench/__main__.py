@@ -27,7 +27,9 @@ BENCHES = {"renderer": renderer.run, "local_step": local_step.run, "fleet": flee
            "privacy_utility": privacy_utility.run, "init_and_personal": init_and_personal.run,
            "tracking_overhead": tracking_overhead.run, "poisoning": poisoning.run,
            "import_time": import_time.run, "fleet_scale": fleet_scale.run,
-           "fleet_100k": fleet_scale.run_100k, "secagg": secagg.run,
+           "fleet_100k": fleet_scale.run_100k,
+           "fleet_scale_pool": lambda: fleet_scale.run(fleet_scale.POOL),
+           "fleet_100k_pool": lambda: fleet_scale.run_100k(fleet_scale.POOL), "secagg": secagg.run,
            "secagg_quality": secagg.run_quality, "secagg_stages": secagg.run_stages}
 
 

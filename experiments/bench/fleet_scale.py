@@ -149,15 +149,18 @@ def _launch(num_devices: int, devices_per_round: int, rounds: int, overrides: li
             "trained": " ".join(f"r{r}: {t}" for r, t in sorted(trained.items()))}
 
 
-def run() -> list[dict]:
+def run(overrides: list[str] = ()) -> list[dict]:
     """Start-up at 100 and 10,000 devices (10 a round, 1 round)."""
-    rows = [measure(n, 10, 1) for n in (100, 10_000)]
+    rows = [measure(n, 10, 1, overrides) for n in (100, 10_000)]
     ratio = {key: float("nan") for key in rows[0]} | {
         "devices": "10,000 / 100", "per_round": "", "rounds": "", "processes": "", "trained": "",
         "launch_to_round1_s": rows[1]["launch_to_round1_s"] / rows[0]["launch_to_round1_s"]}
     return [*rows, ratio]
 
 
-def run_100k() -> list[dict]:
+def run_100k(overrides: list[str] = ()) -> list[dict]:
     """100,000 devices, 100 a round, 2 rounds: time and peak memory of every process."""
-    return [measure(100_000, 100, 2)]
+    return [measure(100_000, 100, 2, overrides)]
+
+
+POOL = ["fleet.backend=pool"]

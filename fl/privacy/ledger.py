@@ -10,7 +10,9 @@ participations' events, exactly as one accountant fed all their steps would.
 
 The ledger enters and leaves Opacus only through an accountant's public
 ``state_dict()`` / ``load_state_dict()`` (``accountant_state``, ``events_of``),
-which also checks that the ledger is loaded into the accountant it was kept by.
+which also checks that the ledger is loaded into the accountant it was kept by;
+an RDP epsilon is Opacus' own RDP analysis (``compute_rdp``, ``get_privacy_spent``)
+on kept one-step curves, the same number its accountant gives (``_rdp_epsilon``).
 Its on-disk form (``to_config``: flat lists) is unchanged by that.
 """
 
