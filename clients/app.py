@@ -287,8 +287,8 @@ def _ledger_after(recipe: P.Recipe, start: PhotoLedger, newest: PhotoLedger,
 def _spent_after(recipe: P.Recipe, ledger: PhotoLedger, outcome: Outcome) -> bool:
     """Whether one more participation like this one would pass the budget: the
     device says so with its update, so the server stops sampling it rather than
-    send it a message it would refuse. (It reveals nothing the reported photo
-    epsilon does not: the server knows the recipe, hence the next step's cost.)"""
+    send it a message it would refuse: the same bit that refusal would send a round
+    later (docs/privacy.md, "Budgets")."""
     return recipe.photo_dp and not ledger.admits(
         recipe.noise_multiplier, outcome.sample_rate, outcome.steps, recipe.delta,
         recipe.budget_epsilon)
